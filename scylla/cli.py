@@ -1,0 +1,68 @@
+"""The ``scylla`` console entry point.
+
+Each subcommand lives in the module that owns its concept and exposes
+``add_arguments(parser)`` and ``run(args) -> int``; modules are imported only when their
+subcommand runs, so ``scylla --help`` stays fast. Flags are generated from the config
+dataclasses, so a field, its flag and its MLflow param share one name.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import sys
+import typing
+from typing import Any
+
+from scylla.errors import ScyllaError
+
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "targets": ("scylla.target_cli", "List the target registry and what is cached."),
+    "bench": ("scylla.bench", "Run decoding methods side by side on the same prompts."),
+    "main": ("scylla.main_job", "The default end-to-end job (the README's first command)."),
+}
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()
+                       ) -> None:
+    """One ``--field`` flag per dataclass field, typed and documented from the field."""
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(cls.__name__)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        kind = hints[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
+        if kind is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=f.default, help=help_text)
+        else:
+            group.add_argument(flag, dest=f.name, type=kind, default=f.default, help=help_text)
+
+
+def dataclass_from_args(cls: type, args: argparse.Namespace) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="scylla")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        # Only the chosen subcommand's module is imported (torch & co. are slow to import).
+        if argv[:1] == [name]:
+            importlib.import_module(module).add_arguments(p)
+    args = parser.parse_args(argv)
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except ScyllaError as e:
+        print(f"scylla {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
