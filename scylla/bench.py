@@ -1,0 +1,283 @@
+"""``scylla bench``: decoding methods side by side, same prompts, same process, same machine.
+
+Each method gets one untimed warm-up call, then decodes every prompt. Reported per method:
+tokens/s, new tokens, target forwards, τ (new tokens / target forwards), speed-up over
+``plain`` measured in the same run, and whether its tokens equal plain greedy decoding exactly
+(at T=0). A mismatch is shown with the target's top-1/top-2 logit gap where the outputs first
+differ: a gap near zero is a numerical near-tie, anything else is a bug.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scylla.config import DecodeConfig, TargetSpec, as_params
+from scylla.decoding.result import DecodeResult
+from scylla.errors import ConfigError, DataError
+
+PEERS = ("hf", "hf-assisted-pld")
+
+
+@dataclass
+class MethodReport:
+    method: str
+    tokens_per_s: float
+    new_tokens: int
+    target_forwards: int
+    tau: float
+    seconds: float
+    exact_match: bool | None  # None at T > 0, where exact equality is not expected
+    mismatches: list[dict[str, Any]] = field(default_factory=list)
+    speedup: float | None = None
+    per_category: dict[str, dict[str, float]] = field(default_factory=dict)
+    seconds_split: dict[str, float] = field(default_factory=dict)
+
+
+def machine_description() -> str:
+    import os
+
+    return (f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, "
+            f"torch {torch.__version__}, threads {torch.get_num_threads()}").replace("  ", " ")
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+@torch.inference_mode()
+def logit_gap(model: Any, context: list[int]) -> tuple[float, int, int]:
+    """Top-1 minus top-2 logit of the target after ``context`` (fp32 full forward)."""
+    device = next(model.parameters()).device
+    out = model(torch.tensor([context], device=device))
+    logits = out.logits[0, -1].float()
+    top = torch.topk(logits, 2)
+    return float(top.values[0] - top.values[1]), int(top.indices[0]), int(top.indices[1])
+
+
+def compare(method: str, result: DecodeResult, reference: DecodeResult,
+            prompts: list[list[int]], model: Any) -> list[dict[str, Any]]:
+    out = []
+    for i, (got, ref) in enumerate(zip(result.tokens, reference.tokens)):
+        pos = first_difference(got, ref)
+        if pos is None:
+            continue
+        row: dict[str, Any] = {"prompt": i, "position": pos}
+        if pos < min(len(got), len(ref)):
+            gap, t1, t2 = logit_gap(model, prompts[i] + ref[:pos])
+            row.update(logit_gap=gap, reference_token=ref[pos], method_token=got[pos],
+                       target_top2=[t1, t2])
+        out.append(row)
+    return out
+
+
+def per_category(result: DecodeResult, categories: list[str]) -> dict[str, dict[str, float]]:
+    sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for cat, s in zip(categories, result.stats):
+        sums[cat]["new_tokens"] += s.new_tokens
+        sums[cat]["target_forwards"] += s.target_forwards
+    return {c: {"tau": v["new_tokens"] / max(1, v["target_forwards"]), **v}
+            for c, v in sorted(sums.items())}
+
+
+class Bench:
+    """Holds the target (ours and HF's), the draft and the prompts; runs methods."""
+
+    def __init__(self, spec: TargetSpec, draft_path: str | None):
+        from scylla.targets import load_hf_model, load_target
+
+        self.target = load_target(spec)
+        self.hf_model = None
+        self._hf_args = (spec.target, "float32" if self.target.dtype == torch.float32
+                         else str(self.target.dtype).removeprefix("torch."), spec.device)
+        self._load_hf = load_hf_model
+        self.draft = None
+        if draft_path:
+            from scylla.drafts import load_draft
+
+            self.draft = load_draft(draft_path, self.target)
+
+    def hf(self) -> Any:
+        if self.hf_model is None:
+            self.hf_model = self._load_hf(*self._hf_args)
+        return self.hf_model
+
+    def run_method(self, method: str, prompts: list[list[int]], cfg: DecodeConfig
+                   ) -> DecodeResult:
+        if method in PEERS:
+            from scylla.decoding.hf_peers import hf_generate
+
+            return hf_generate(self.hf(), self.target.tokenizer, prompts, cfg,
+                               self.target.eos_token_ids, assisted_pld=method != "hf")
+        from scylla.decoding import METHODS
+
+        if method not in METHODS:
+            raise ConfigError(f"--methods: unknown method {method!r}; available: "
+                              f"{', '.join(sorted([*METHODS, *PEERS]))}")
+        return METHODS[method](self.target, prompts, cfg, self.draft)
+
+    def timed(self, method: str, prompts: list[list[int]], cfg: DecodeConfig) -> DecodeResult:
+        warm = DecodeConfig(**{**asdict(cfg), "max_new_tokens": min(8, cfg.max_new_tokens)})
+        self.run_method(method, prompts[:1], warm)  # warm-up, excluded from timing
+        start = time.perf_counter()
+        result = self.run_method(method, prompts, cfg)
+        result.seconds.setdefault("total", time.perf_counter() - start)
+        return result
+
+
+def encode_prompts(tokenizer: Any, prompts: list[Any], context: int, max_new_tokens: int
+                   ) -> list[list[int]]:
+    from scylla.data.prompts import prompt_ids
+
+    ids = [prompt_ids(tokenizer, p) for p in prompts]
+    for p, row in zip(prompts, ids):
+        if len(row) + max_new_tokens > context:
+            raise DataError(f"prompt {p.id!r} has {len(row)} tokens; with --max-new-tokens "
+                            f"{max_new_tokens} it exceeds the target's context window of "
+                            f"{context} tokens. Shorten it or lower --max-new-tokens.")
+    return ids
+
+
+def run_bench(spec: TargetSpec, cfg: DecodeConfig, methods: list[str], prompts: list[Any],
+              draft_path: str | None = None) -> dict[str, Any]:
+    if not methods:
+        raise ConfigError("--methods: give at least one method")
+    bench = Bench(spec, draft_path)
+    tok = bench.target.tokenizer
+    ids = encode_prompts(tok, prompts, bench.target.model.config.max_position_embeddings,
+                         cfg.max_new_tokens)
+    categories = [p.category for p in prompts]
+    results = {m: bench.timed(m, ids, cfg) for m in methods}
+    greedy = cfg.temperature == 0
+    reference = results.get("plain")
+    if greedy and reference is None:
+        reference = bench.run_method("plain", ids, cfg)
+    base_tps = None
+    if "plain" in results:
+        p = results["plain"]
+        base_tps = p.new_tokens / p.seconds["total"]
+    reports = []
+    for m, r in results.items():
+        tps = r.new_tokens / r.seconds["total"]
+        mism = compare(m, r, reference, ids, bench.hf()) if greedy else []
+        reports.append(MethodReport(
+            method=m, tokens_per_s=tps, new_tokens=r.new_tokens,
+            target_forwards=r.target_forwards, tau=r.tau, seconds=r.seconds["total"],
+            exact_match=(not mism) if greedy else None, mismatches=mism,
+            speedup=tps / base_tps if base_tps else None,
+            per_category=per_category(r, categories), seconds_split=dict(r.seconds)))
+    return {
+        "machine": machine_description(),
+        "target": spec.target, "device": str(bench.target.device),
+        "dtype": str(bench.target.dtype).removeprefix("torch."),
+        "draft": draft_path, "num_prompts": len(prompts),
+        "prompt_ids": [p.id for p in prompts], "config": as_params(cfg),
+        "methods": [asdict(r) for r in reports],
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    cfg = report["config"]
+    lines = [f"machine: {report['machine']}",
+             f"target: {report['target']} ({report['dtype']}, {report['device']}), prompts: "
+             f"{report['num_prompts']}, decode_batch_size: {cfg['decode_batch_size']}, "
+             f"max_new_tokens: {cfg['max_new_tokens']}, temperature: {cfg['temperature']}",
+             f"{'method':<16}{'tok/s':>8}{'speedup':>9}{'tau':>7}{'new tok':>9}"
+             f"{'fwds':>7}{'exact':>7}"]
+    for m in report["methods"]:
+        exact = {None: "-", True: "yes", False: "NO"}[m["exact_match"]]
+        sp = f"{m['speedup']:.2f}x" if m["speedup"] else "-"
+        lines.append(f"{m['method']:<16}{m['tokens_per_s']:>8.1f}{sp:>9}{m['tau']:>7.2f}"
+                     f"{m['new_tokens']:>9}{m['target_forwards']:>7}{exact:>7}")
+        for mm in m["mismatches"]:
+            gap = f", logit gap {mm['logit_gap']:.4f}" if "logit_gap" in mm else ""
+            lines.append(f"    prompt {mm['prompt']}: first difference at token {mm['position']}"
+                         f"{gap}")
+    cats = sorted({c for m in report["methods"] for c in m["per_category"]})
+    if len(cats) > 1:
+        lines.append("tau per category")
+        lines.append(f"{'method':<16}" + "".join(f"{c[:10]:>11}" for c in cats))
+        for m in report["methods"]:
+            lines.append(f"{m['method']:<16}" + "".join(
+                f"{m['per_category'].get(c, {}).get('tau', float('nan')):>11.2f}" for c in cats))
+    return "\n".join(lines)
+
+
+def log_to_mlflow(report: dict[str, Any], spec: TargetSpec) -> None:
+    from scylla.tracking import stage_run
+
+    for m in report["methods"]:
+        params = {**as_params(spec), **report["config"], "method": m["method"],
+                  "num_prompts": report["num_prompts"], "draft": report["draft"] or ""}
+        with stage_run("decode", params, run_name=f"bench-{m['method']}") as run:
+            import mlflow
+
+            metrics = {"decode/tau": m["tau"], "decode/tokens_per_s": m["tokens_per_s"],
+                       "decode/new_tokens": m["new_tokens"],
+                       "decode/target_forwards": m["target_forwards"],
+                       "decode/seconds": m["seconds"]}
+            if m["speedup"]:
+                metrics["decode/speedup"] = m["speedup"]
+            if m["exact_match"] is not None:
+                metrics["decode/exact_match"] = float(m["exact_match"])
+            for cat, v in m["per_category"].items():
+                metrics[f"decode/tau/{cat}"] = v["tau"]
+            mlflow.log_metrics(metrics)
+            mlflow.set_tag("machine", report["machine"])
+            mlflow.log_dict(report, "bench.json")
+            m["mlflow_run_id"] = run.info.run_id
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from scylla.cli import add_dataclass_args
+
+    parser.add_argument("--methods", default="hf,plain",
+                        help="Comma-separated methods: hf, hf-assisted-pld, plain, and the "
+                             "speculative ones (chain, tree, static-tree, pld).")
+    parser.add_argument("--prompts", default=None,
+                        help="Prompt JSONL (Spec-Bench's question.jsonl or any {'prompt': ...} "
+                             "lines). Default: held-out ShareGPT conversations.")
+    parser.add_argument("--num-prompts", type=int, default=20,
+                        help="Prompts to decode, spread evenly over the file's categories.")
+    parser.add_argument("--draft", default=None, help="Draft checkpoint directory.")
+    parser.add_argument("--json", default=None, help="Write the full report to this file.")
+    parser.add_argument("--no-mlflow", action="store_true", help="Do not log to MLflow.")
+    add_dataclass_args(parser, TargetSpec)
+    add_dataclass_args(parser, DecodeConfig, skip=("method",))
+
+
+def load_bench_prompts(path: str | None, num_prompts: int) -> list[Any]:
+    from scylla.data.prompts import load_prompts, sharegpt_prompts
+
+    if num_prompts < 1:
+        raise ConfigError(f"--num-prompts={num_prompts}: must be >= 1")
+    if path is None:
+        return sharegpt_prompts(num_prompts)
+    return load_prompts(Path(path), num_prompts=num_prompts)
+
+
+def run(args: argparse.Namespace) -> int:
+    from scylla.cli import dataclass_from_args
+
+    spec = dataclass_from_args(TargetSpec, args)
+    cfg = dataclass_from_args(DecodeConfig, args)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    prompts = load_bench_prompts(args.prompts, args.num_prompts)
+    report = run_bench(spec, cfg, methods, prompts, args.draft)
+    if not args.no_mlflow:
+        log_to_mlflow(report, spec)
+    print(format_table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+        print(f"report written to {args.json}")
+    return 0
