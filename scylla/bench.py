@@ -148,15 +148,9 @@ def encode_prompts(tokenizer: Any, prompts: list[Any], context: int, max_new_tok
     return ids
 
 
-def run_bench(spec: TargetSpec, cfg: DecodeConfig, methods: list[str], prompts: list[Any],
-              draft_path: str | None = None) -> dict[str, Any]:
-    if not methods:
-        raise ConfigError("--methods: give at least one method")
-    bench = Bench(spec, draft_path)
-    tok = bench.target.tokenizer
-    ids = encode_prompts(tok, prompts, bench.target.model.config.max_position_embeddings,
-                         cfg.max_new_tokens)
-    categories = [p.category for p in prompts]
+def measure(bench: Bench, cfg: DecodeConfig, methods: list[str], ids: list[list[int]],
+            categories: list[str]) -> list[MethodReport]:
+    """Time each method on ``ids``; speed-up against ``plain`` and exactness against greedy."""
     results = {m: bench.timed(m, ids, cfg) for m in methods}
     greedy = cfg.temperature == 0
     reference = results.get("plain")
@@ -164,8 +158,7 @@ def run_bench(spec: TargetSpec, cfg: DecodeConfig, methods: list[str], prompts: 
         reference = bench.run_method("plain", ids, cfg)
     base_tps = None
     if "plain" in results:
-        p = results["plain"]
-        base_tps = p.new_tokens / p.seconds["total"]
+        base_tps = results["plain"].new_tokens / results["plain"].seconds["total"]
     reports = []
     for m, r in results.items():
         tps = r.new_tokens / r.seconds["total"]
@@ -176,14 +169,70 @@ def run_bench(spec: TargetSpec, cfg: DecodeConfig, methods: list[str], prompts: 
             exact_match=(not mism) if greedy else None, mismatches=mism,
             speedup=tps / base_tps if base_tps else None,
             per_category=per_category(r, categories), seconds_split=dict(r.seconds)))
-    return {
-        "machine": machine_description(),
-        "target": spec.target, "device": str(bench.target.device),
-        "dtype": str(bench.target.dtype).removeprefix("torch."),
-        "draft": draft_path, "num_prompts": len(prompts),
-        "prompt_ids": [p.id for p in prompts], "config": as_params(cfg),
-        "methods": [asdict(r) for r in reports],
-    }
+    return reports
+
+
+def describe(bench: Bench, spec: TargetSpec, cfg: DecodeConfig, prompts: list[Any],
+             draft_path: str | None) -> dict[str, Any]:
+    return {"machine": machine_description(), "target": spec.target,
+            "device": str(bench.target.device),
+            "dtype": str(bench.target.dtype).removeprefix("torch."),
+            "draft": draft_path, "num_prompts": len(prompts),
+            "prompt_ids": [p.id for p in prompts], "config": as_params(cfg)}
+
+
+def run_bench(spec: TargetSpec, cfg: DecodeConfig, methods: list[str], prompts: list[Any],
+              draft_path: str | None = None) -> dict[str, Any]:
+    if not methods:
+        raise ConfigError("--methods: give at least one method")
+    bench = Bench(spec, draft_path)
+    ids = encode_prompts(bench.target.tokenizer, prompts,
+                         bench.target.model.config.max_position_embeddings, cfg.max_new_tokens)
+    reports = measure(bench, cfg, methods, ids, [p.category for p in prompts])
+    return {**describe(bench, spec, cfg, prompts, draft_path),
+            "methods": [asdict(r) for r in reports]}
+
+
+def run_batch_sweep(spec: TargetSpec, cfg: DecodeConfig, prompts: list[Any],
+                    batch_sizes: list[int], top_ks: list[int], draft_path: str | None
+                    ) -> dict[str, Any]:
+    """Throughput of ``plain`` and of ``tree`` per tree width, for each decode batch size."""
+    bench = Bench(spec, draft_path)
+    ids = encode_prompts(bench.target.tokenizer, prompts,
+                         bench.target.model.config.max_position_embeddings, cfg.max_new_tokens)
+    cats = [p.category for p in prompts]
+    rows = []
+    for b in batch_sizes:
+        base = DecodeConfig(**{**asdict(cfg), "decode_batch_size": b})
+        plain = measure(bench, base, ["plain"], ids, cats)[0]
+        for k in top_ks:
+            tree_cfg = DecodeConfig(**{**asdict(base), "tree_top_k": k})
+            tree = measure(bench, tree_cfg, ["tree"], ids, cats)[0]
+            rows.append({"decode_batch_size": b, "tree_top_k": k,
+                         "tree_total_tokens": cfg.tree_total_tokens,
+                         "plain_tokens_per_s": plain.tokens_per_s,
+                         "tree_tokens_per_s": tree.tokens_per_s, "tau": tree.tau,
+                         "speedup": tree.tokens_per_s / plain.tokens_per_s,
+                         "exact_match": tree.exact_match})
+    return {**describe(bench, spec, cfg, prompts, draft_path), "sweep": rows}
+
+
+def format_sweep(report: dict[str, Any]) -> str:
+    ks = sorted({r["tree_top_k"] for r in report["sweep"]})
+    lines = [f"machine: {report['machine']}", f"target: {report['target']}, draft: "
+             f"{report['draft']}, prompts: {report['num_prompts']}, tree_total_tokens: "
+             f"{report['config']['tree_total_tokens']}, tree_depth: "
+             f"{report['config']['tree_depth']}",
+             "tokens/s (speed-up over plain, tau) per decode batch size and tree_top_k",
+             f"{'batch':>6}{'plain':>9}" + "".join(f"{'k=' + str(k):>20}" for k in ks)
+             + f"{'best k':>8}"]
+    for b in sorted({r["decode_batch_size"] for r in report["sweep"]}):
+        cells = {r["tree_top_k"]: r for r in report["sweep"] if r["decode_batch_size"] == b}
+        best = max(cells.values(), key=lambda r: r["tree_tokens_per_s"])
+        lines.append(f"{b:>6}{cells[ks[0]]['plain_tokens_per_s']:>9.1f}" + "".join(
+            f"{c['tree_tokens_per_s']:>8.1f} ({c['speedup']:.2f}x,{c['tau']:.2f})"
+            .rjust(20) for c in (cells[k] for k in ks)) + f"{best['tree_top_k']:>8}")
+    return "\n".join(lines)
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -238,6 +287,24 @@ def log_to_mlflow(report: dict[str, Any], spec: TargetSpec) -> None:
             m["mlflow_run_id"] = run.info.run_id
 
 
+def log_sweep_to_mlflow(report: dict[str, Any], spec: TargetSpec) -> None:
+    import mlflow
+
+    from scylla.tracking import stage_run
+
+    for row in report["sweep"]:
+        params = {**as_params(spec), **report["config"], "method": "tree",
+                  "decode_batch_size": row["decode_batch_size"], "tree_top_k": row["tree_top_k"],
+                  "num_prompts": report["num_prompts"], "draft": report["draft"] or ""}
+        with stage_run("decode", params, run_name=f"sweep-b{row['decode_batch_size']}"
+                                                  f"-k{row['tree_top_k']}"):
+            mlflow.log_metrics({"decode/tau": row["tau"],
+                                "decode/tokens_per_s": row["tree_tokens_per_s"],
+                                "decode/plain_tokens_per_s": row["plain_tokens_per_s"],
+                                "decode/speedup": row["speedup"]})
+            mlflow.set_tag("machine", report["machine"])
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from scylla.cli import add_dataclass_args
 
@@ -252,8 +319,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft", default=None, help="Draft checkpoint directory.")
     parser.add_argument("--json", default=None, help="Write the full report to this file.")
     parser.add_argument("--no-mlflow", action="store_true", help="Do not log to MLflow.")
+    parser.add_argument("--sweep-batch", default=None,
+                        help="Comma-separated decode batch sizes, e.g. 1,2,4,8,16: report plain "
+                             "and tree throughput per batch size for each --sweep-top-k.")
+    parser.add_argument("--sweep-top-k", default="1,2,4,8",
+                        help="tree_top_k values (tree widths) for --sweep-batch.")
     add_dataclass_args(parser, TargetSpec)
     add_dataclass_args(parser, DecodeConfig, skip=("method",))
+
+
+def int_list(flag: str, text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag}={text!r}: expected comma-separated integers") from None
+    if not values or min(values) < 1:
+        raise ConfigError(f"{flag}={text!r}: expected integers >= 1")
+    return values
 
 
 def load_bench_prompts(path: str | None, num_prompts: int) -> list[Any]:
@@ -273,6 +355,15 @@ def run(args: argparse.Namespace) -> int:
     cfg = dataclass_from_args(DecodeConfig, args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     prompts = load_bench_prompts(args.prompts, args.num_prompts)
+    if args.sweep_batch:
+        report = run_batch_sweep(spec, cfg, prompts, int_list("--sweep-batch", args.sweep_batch),
+                                 int_list("--sweep-top-k", args.sweep_top_k), args.draft)
+        if not args.no_mlflow:
+            log_sweep_to_mlflow(report, spec)
+        print(format_sweep(report))
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=1))
+        return 0
     report = run_bench(spec, cfg, methods, prompts, args.draft)
     if not args.no_mlflow:
         log_to_mlflow(report, spec)
