@@ -6,12 +6,18 @@ Every stage (``hidden_states``, ``train``, ``decode``, ``fit``) logs to one run 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 from typing import Any, Iterator
 
 from scylla import paths
 
 DEFAULT_EXPERIMENT = "scylla"
+# A driver (``scylla sweep``, the pipelines' entry points) hands the stage it launches a
+# context: the experiment, tags naming the attempt, labels, and the upstream run's params.
+# It travels in the environment so that processes a stage spawns (DDP ranks) inherit it.
+CONTEXT_ENV = "SCYLLA_RUN_CONTEXT"
 
 
 def mlflow_client_ready() -> Any:
@@ -32,12 +38,35 @@ def experiment_id(name: str = DEFAULT_EXPERIMENT) -> str:
     return mlflow.create_experiment(name, artifact_location=paths.artifact_root() + f"/{name}")
 
 
+def run_context() -> dict[str, Any]:
+    """The launching driver's context (see ``CONTEXT_ENV``); empty when run by hand."""
+    raw = os.environ.get(CONTEXT_ENV)
+    return json.loads(raw) if raw else {}
+
+
+def lineage_params(upstream: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """The upstream run's params, carried so a decode run knows its draft's ``train_tokens``.
+
+    A name the stage logs itself (``seed``) is kept under ``<upstream stage>.<name>``.
+    """
+    stage = upstream["stage"]
+    return {(f"{stage}.{k}" if k in params else k): v for k, v in upstream["params"].items()}
+
+
 @contextlib.contextmanager
-def stage_run(stage: str, params: dict[str, Any], experiment: str = DEFAULT_EXPERIMENT,
+def stage_run(stage: str, params: dict[str, Any], experiment: str | None = None,
               run_name: str | None = None, tags: dict[str, str] | None = None) -> Iterator[Any]:
-    """An MLflow run for one stage, with its params logged and ``stage`` tagged."""
+    """An MLflow run for one stage, with its params logged and ``stage`` tagged.
+
+    The experiment defaults to the driver's (``run_context()``), else ``DEFAULT_EXPERIMENT``.
+    """
     mlflow = mlflow_client_ready()
+    ctx = run_context()
+    experiment = experiment or ctx.get("experiment") or DEFAULT_EXPERIMENT
+    if ctx.get("upstream"):
+        params = {**lineage_params(ctx["upstream"], params), **params}
+    params = {**ctx.get("labels", {}), **params}
     with mlflow.start_run(experiment_id=experiment_id(experiment), run_name=run_name,
-                          tags={"stage": stage, **(tags or {})}) as run:
+                          tags={"stage": stage, **ctx.get("tags", {}), **(tags or {})}) as run:
         mlflow.log_params({k: ("" if v is None else v) for k, v in params.items()})
         yield run

@@ -1,0 +1,12 @@
+"""MLproject entry point `decode`: `scylla bench`: decoding methods side by side, with the draft of `upstream_run_id` (a train run).
+
+Thin: parse the `-P` params, reuse a finished run with the same params and code or run the
+stage, log. See README.md.
+"""
+import sys
+from pathlib import Path
+
+from scylla.sweep import stage_entry
+
+if __name__ == "__main__":
+    sys.exit(stage_entry("decode", sys.argv[1:], Path(__file__).resolve().parents[1]))

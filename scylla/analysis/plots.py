@@ -1,0 +1,149 @@
+"""Seaborn figures, one function per paper artefact; each returns a matplotlib Figure.
+
+Inputs are ``load_runs`` frames and ``fit_loglinear`` results, so a notebook cell is one call.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from scylla.analysis.fit import LawFit
+from scylla.analysis.runs import best_per, category_table
+
+
+def _figure(ncols: int = 1, width: float = 5.5) -> tuple[Any, list[Any]]:
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="notebook")
+    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, 4), squeeze=False)
+    return fig, list(axes[0])
+
+
+def law_panel(ax: Any, runs: pd.DataFrame, fit: LawFit, hue: str | None = None,
+              label: str | None = None) -> None:
+    """Runs as dots, the law's points with their bootstrap CI, the fitted line; log x."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    x, y = fit.x, fit.y
+    if y in runs.columns and x in runs.columns:
+        groups = runs.groupby(hue) if hue in runs.columns else [(None, runs)]
+        for i, (value, part) in enumerate(groups):
+            ax.scatter(part[x], part[y], s=24, alpha=0.5, color=f"C{i}",
+                       label=None if value is None else f"{hue} {value}")
+    pts = fit.points
+    err = np.vstack([pts[y] - pts["y_low"], pts["y_high"] - pts[y]])
+    ax.errorbar(pts[x], pts[y], yerr=None if np.isnan(err).all() else np.abs(err), fmt="o",
+                color="black", capsize=3, label="mean (bootstrap CI)")
+    grid = np.geomspace(pts[x].min(), pts[x].max(), 100)
+    ax.plot(grid, fit.predict(grid), color="C3",
+            label=label or f"{fit.equation(2)}, R²={fit.r2:.3f}")
+    if not np.isnan(fit.extrap_predicted):
+        ax.scatter([fit.extrap_x], [fit.extrap_predicted], marker="x", color="C3", s=60,
+                   zorder=5, label="largest x predicted without it")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.legend(fontsize=8)
+
+
+def plot_law(runs: pd.DataFrame, fit: LawFit, hue: str | None = None,
+             title: str | None = None) -> Any:
+    """Any fitted law (what ``scylla fit`` saves as ``figure.png``)."""
+    fig, (ax,) = _figure()
+    law_panel(ax, runs, fit, hue=hue)
+    ax.set_title(title or f"{fit.y} vs ln({fit.x})")
+    fig.tight_layout()
+    return fig
+
+
+def plot_theorem_1_1(runs: pd.DataFrame, fit: LawFit) -> Any:
+    """Theorem 1.1: τ against the draft's training tokens (log x), one dot per seed."""
+    fig = plot_law(runs, fit, hue="seed" if "seed" in runs.columns else None,
+                   title="Theorem 1.1: acceptance vs training tokens")
+    return fig
+
+
+def plot_theorem_1_2(runs: pd.DataFrame, fit_layers: LawFit, fit_params: LawFit) -> Any:
+    """Theorem 1.2: τ against draft depth and against draft parameter count."""
+    fig, (a, b) = _figure(2)
+    law_panel(a, runs, fit_layers, hue="seed" if "seed" in runs.columns else None)
+    a.set_title("Theorem 1.2: acceptance vs draft layers")
+    a.set_xticks(sorted(fit_layers.points[fit_layers.x]))
+    a.set_xticklabels([f"{v:g}" for v in sorted(fit_layers.points[fit_layers.x])])
+    law_panel(b, runs, fit_params, hue="seed" if "seed" in runs.columns else None)
+    b.set_title("… and vs draft parameters")
+    fig.tight_layout()
+    return fig
+
+
+def batch_table(runs: pd.DataFrame, metric: str = "decode/tokens_per_s",
+                width: str = "tree_total_tokens") -> pd.DataFrame:
+    """Theorem 1.3 table: per batch size, the best tree (by ``metric``) and its numbers."""
+    best = best_per(runs, ["decode_batch_size"], metric)
+    cols = [c for c in ("decode_batch_size", "tree_top_k", width, metric, "decode/speedup",
+                        "decode/tau") if c in best.columns]
+    return best[list(dict.fromkeys(cols))].sort_values("decode_batch_size").reset_index(drop=True)
+
+
+def plot_theorem_1_3(runs: pd.DataFrame, fit_width: LawFit | None = None,
+                     metric: str = "decode/tokens_per_s",
+                     width: str = "tree_total_tokens") -> Any:
+    """Theorem 1.3: throughput per tree width against batch size, and the best width."""
+    import seaborn as sns
+
+    fig, (a, b) = _figure(2)
+    sns.lineplot(data=runs, x="decode_batch_size", y=metric, hue=width, marker="o",
+                 palette="viridis", ax=a, errorbar=None)
+    a.set_xscale("log", base=2)
+    a.set_title("Theorem 1.3: throughput per tree width")
+    if fit_width is not None:
+        law_panel(b, batch_table(runs, metric, width), fit_width)
+    else:
+        best = batch_table(runs, metric, width)
+        b.plot(best["decode_batch_size"], best[width], "o-")
+        b.set_xscale("log")
+    b.set_title("best tree width per batch size")
+    fig.tight_layout()
+    return fig
+
+
+def plot_figure_2(runs: pd.DataFrame, by: str = "variant", metric: str = "decode/tau") -> Any:
+    """Figure 2: τ per Spec-Bench task, one bar per draft (``by``)."""
+    import seaborn as sns
+
+    long = category_table(runs, by, metric).reset_index().melt(
+        id_vars="category", var_name=by, value_name=metric)
+    fig, (ax,) = _figure(width=9)
+    sns.barplot(data=long, x="category", y=metric, hue=by, ax=ax, errorbar=None)
+    ax.set_title("Figure 2: acceptance length per category")
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    return fig
+
+
+def table_5(runs: pd.DataFrame, by: str = "variant", baseline: str = "eagle2-style",
+            metric: str = "decode/tokens_per_s") -> pd.DataFrame:
+    """Table 5: throughput per batch size per draft, and each ÷ the baseline's."""
+    wide = runs.pivot_table(index="decode_batch_size", columns=by, values=metric,
+                            aggfunc="mean")
+    if baseline not in wide.columns:
+        return wide
+    ratios = wide.div(wide[baseline], axis=0).add_suffix(f" ÷ {baseline}")
+    return pd.concat([wide, ratios.drop(columns=f"{baseline} ÷ {baseline}")], axis=1)
+
+
+def plot_table_5(runs: pd.DataFrame, by: str = "variant",
+                 metric: str = "decode/tokens_per_s") -> Any:
+    """Table 5 as a figure: throughput per batch size per draft."""
+    import seaborn as sns
+
+    fig, (ax,) = _figure(width=7)
+    sns.barplot(data=runs, x="decode_batch_size", y=metric, hue=by, ax=ax, errorbar=None)
+    ax.set_title("Table 5: throughput per batch size")
+    fig.tight_layout()
+    return fig

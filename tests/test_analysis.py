@@ -1,0 +1,266 @@
+"""scylla.analysis: runs -> tidy frame, log-linear fits with bootstrap CIs, figures, verdicts,
+and the ``fit`` stage, on synthetic runs in a throw-away MLflow store."""
+from __future__ import annotations
+
+import math
+
+import matplotlib
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from scylla import analysis as sa
+from scylla import tracking
+from scylla.errors import DataError
+
+matplotlib.use("Agg")
+
+
+def law_frame(slope=0.2, intercept=1.0, noise=0.02, seeds=(0, 1, 2), xs=(1e4, 3e4, 1e5, 3e5, 1e6),
+              rng_seed=0):
+    rng = np.random.default_rng(rng_seed)
+    rows = [{"train_tokens": x, "seed": s,
+             "val/tau_chain": intercept + slope * math.log(x) + rng.normal(0, noise)}
+            for x in xs for s in seeds]
+    return pd.DataFrame(rows)
+
+
+# -- fits -------------------------------------------------------------------------------------
+
+def test_fit_recovers_a_known_law_and_its_ci_covers_it():
+    fit = sa.fit_loglinear(law_frame(), "train_tokens", "val/tau_chain", unit="seed")
+    assert fit.slope == pytest.approx(0.2, abs=0.02)
+    assert fit.intercept == pytest.approx(1.0, abs=0.25)
+    assert fit.r2 > 0.99
+    lo, hi = fit.slope_ci
+    assert lo < fit.slope < hi and hi - lo < 0.05
+    assert fit.slope_excludes_zero
+    assert fit.n_points == 5 and fit.n_rows == 15
+    # the extrapolation check: fitted on the 4 smallest budgets, the 5th is predicted well
+    assert fit.extrap_x == 1e6
+    assert abs(fit.extrap_error) < 0.05 and fit.extrap_within_ci is True
+    m = fit.metrics()
+    assert {"law/slope", "law/intercept", "law/r2", "law/slope_ci_low", "law/slope_ci_high",
+            "law/extrap_error"} <= set(m)
+
+
+def test_slope_ci_covers_the_true_slope_most_of_the_time():
+    # 3 seeds per point; without the small-sample correction this covers ~75% at nominal 95%
+    covered = []
+    for rng_seed in range(60):
+        fit = sa.fit_loglinear(law_frame(rng_seed=rng_seed), "train_tokens", "val/tau_chain",
+                               unit="seed", n_boot=400)
+        covered.append(fit.slope_ci[0] < 0.2 < fit.slope_ci[1])
+    assert np.mean(covered) >= 0.85
+
+
+def test_a_flat_relation_rarely_has_a_ci_excluding_zero():
+    excludes = [sa.fit_loglinear(law_frame(slope=0.0, noise=0.05, rng_seed=r), "train_tokens",
+                                 "val/tau_chain", unit="seed", n_boot=400).slope_excludes_zero
+                for r in range(40)]
+    assert np.mean(excludes) <= 0.15
+
+
+def test_a_bent_curve_fails_the_extrapolation_check():
+    df = law_frame(noise=0.005)
+    big = df["train_tokens"] == 1e6
+    df.loc[big, "val/tau_chain"] -= 0.5  # a plateau at the largest budget
+    fit = sa.fit_loglinear(df, "train_tokens", "val/tau_chain", unit="seed")
+    assert fit.extrap_error < -0.4 and fit.extrap_within_ci is False
+
+
+def test_without_replicates_the_ci_is_nan_not_zero_width():
+    fit = sa.fit_loglinear(law_frame(seeds=(0,)), "train_tokens", "val/tau_chain")
+    assert math.isnan(fit.slope_ci[0]) and math.isnan(fit.slope_ci[1])
+    assert fit.extrap_within_ci is None
+    assert "law/slope_ci_low" not in fit.metrics()  # MLflow gets no NaN
+
+
+def test_ratio_points_are_sums_not_means_of_ratios():
+    # two prompts per x: tau must be sum(new)/sum(forwards), not the mean of per-prompt taus
+    df = pd.DataFrame({"x": [1, 1, 10, 10], "prompt": ["a", "b", "a", "b"],
+                       "new_tokens": [10, 90, 20, 100], "target_forwards": [10, 10, 10, 10]})
+    fit = sa.fit_loglinear(df, "x", "tau", unit="prompt", paired=True,
+                           ratio=("new_tokens", "target_forwards"))
+    assert list(fit.points["tau"]) == [5.0, 6.0]
+    assert fit.slope == pytest.approx(1 / math.log(10))
+
+
+def test_paired_bootstrap_resamples_shared_units_jointly():
+    # every prompt shifts all points alike: paired resampling sees no slope uncertainty
+    rows = [{"x": x, "prompt": p, "tau": 1 + 0.3 * math.log(x) + off}
+            for p, off in enumerate([0.0, 0.5, 1.0, 1.5]) for x in (1, 4, 16)]
+    df = pd.DataFrame(rows)
+    paired = sa.fit_loglinear(df, "x", "tau", unit="prompt", paired=True)
+    independent = sa.fit_loglinear(df, "x", "tau", unit="prompt")
+    assert paired.slope_ci[1] - paired.slope_ci[0] < 1e-9
+    assert independent.slope_ci[1] - independent.slope_ci[0] > 0.05
+
+
+def test_grouped_fits_and_table():
+    df = pd.concat([law_frame(slope=0.1).assign(kind="a"), law_frame(slope=0.3).assign(kind="b")])
+    fits = sa.fit_loglinear(df, "train_tokens", "val/tau_chain", group="kind", unit="seed")
+    assert set(fits) == {"a", "b"}
+    assert fits["b"].slope > fits["a"].slope + 0.1
+    table = sa.fits_table(fits)
+    assert list(table["kind"]) == ["a", "b"]
+
+
+def test_fit_errors_name_the_problem():
+    with pytest.raises(DataError, match="no column 'draft_n_layer'"):
+        sa.fit_loglinear(law_frame(), "draft_n_layer", "val/tau_chain")
+    with pytest.raises(DataError, match="at least 2 distinct"):
+        sa.fit_loglinear(law_frame(xs=(1e4,)), "train_tokens", "val/tau_chain")
+    with pytest.raises(DataError, match="must be > 0"):
+        sa.fit_loglinear(law_frame(xs=(1, 1e4)).replace({"train_tokens": {1: 0}}),
+                         "train_tokens", "val/tau_chain")
+
+
+# -- runs from MLflow ---------------------------------------------------------------------------
+
+def log_train_runs(df, experiment="exp"):
+    for _, r in df.iterrows():
+        with tracking.stage_run("train", {"train_tokens": int(r["train_tokens"]),
+                                          "seed": int(r["seed"]), "kind": "scylla",
+                                          "draft": None}, experiment=experiment):
+            mlflow.log_metrics({"val/tau_chain": r["val/tau_chain"]})
+
+
+def test_load_runs_is_tidy_with_numeric_params(mlflow_store):
+    log_train_runs(law_frame(xs=(1e4, 1e5), seeds=(0, 1)))
+    with tracking.stage_run("decode", {"method": "tree"}, experiment="exp"):
+        mlflow.log_metric("decode/tau", 2.0)
+    runs = sa.load_runs("exp", stage="train")
+    assert len(runs) == 4 and set(runs["stage"]) == {"train"}
+    assert runs["train_tokens"].dtype.kind in "if" and runs["seed"].dtype.kind in "if"
+    assert runs["kind"].tolist() == ["scylla"] * 4  # strings stay strings
+    assert "val/tau_chain" in runs.columns and "params.seed" not in runs.columns
+    assert len(sa.load_runs("exp")) == 5
+    trees = sa.load_runs("exp", filter_string="params.method = 'tree'")
+    assert trees["method"].tolist() == ["tree"]
+    assert sa.load_runs("nope").empty and "run_id" in sa.load_runs("nope").columns
+
+
+def test_load_runs_skips_unfinished_and_incomplete_attempts(mlflow_store):
+    log_train_runs(law_frame(xs=(1e4,), seeds=(0,)))
+    client = mlflow.MlflowClient()
+    exp = mlflow.get_experiment_by_name("exp").experiment_id
+    running = client.create_run(exp, tags={"stage": "train"})
+    client.log_metric(running.info.run_id, "val/tau_chain", 9.0)
+    # FINISHED, but its attempt was never tagged complete (killed between run and tag)
+    with tracking.stage_run("train", {"seed": 5}, experiment="exp",
+                            tags={"scylla.attempt": "a1", "scylla.point_key": "p"}):
+        mlflow.log_metric("val/tau_chain", 8.0)
+    runs = sa.load_runs("exp", stage="train")
+    assert runs["val/tau_chain"].max() < 8
+    everything = sa.load_runs("exp", finished_only=False)
+    assert {"RUNNING", "FINISHED"} <= set(everything["status"])
+    inv = sa.inventory(everything)
+    assert inv.loc[inv["status"] == "RUNNING", "runs"].sum() == 1
+
+
+def test_latest_attempt_per_point_wins(mlflow_store):
+    for attempt, tau in (("old", 1.5), ("new", 2.5)):
+        with tracking.stage_run("train", {"seed": 0}, experiment="exp", tags={
+                "scylla.attempt": attempt, "scylla.point_key": "p", "scylla.complete": "1"}):
+            mlflow.log_metric("val/tau_chain", tau)
+    assert sa.load_runs("exp")["val/tau_chain"].tolist() == [2.5]
+    assert len(sa.load_runs("exp", latest_per_point=False)) == 2
+
+
+# -- tables, figures, verdicts -----------------------------------------------------------------
+
+def decode_frame():
+    rows = []
+    for variant, gain in (("eagle2-style", 0.0), ("eagle3", 0.6), ("scylla", 0.8)):
+        for batch in (1, 4):
+            rows.append({"variant": variant, "decode_batch_size": batch, "method": "tree",
+                         "decode/tau": 2 + gain, "decode/tokens_per_s": (20 + 10 * gain) * batch,
+                         "decode/tau/writing": 2 + gain, "decode/tau/coding": 2.2 + gain,
+                         "decode/tau/summarization": 2.5 + 2 * gain, "decode/tau/qa": 2.1 + gain})
+    return pd.DataFrame(rows)
+
+
+def test_category_table_groups_mt_bench_and_figure_2_verdict_is_computed():
+    runs = decode_frame()[lambda d: d["decode_batch_size"] == 1]
+    table = sa.category_table(runs)
+    assert set(table.index) == {"mt_bench", "summarization", "qa"}
+    assert table.loc["mt_bench", "scylla"] == pytest.approx(2.9)  # mean of writing, coding
+    text = sa.verdict_figure_2(runs)
+    assert "+0.80" in text and "+0.20" in text and "Largest gain on summarization" in text
+    assert sa.plot_figure_2(runs) is not None
+
+
+def test_table_5_ratios_and_verdict_follow_the_numbers():
+    table = sa.table_5(decode_frame())
+    assert table.loc[1, "scylla ÷ eagle2-style"] == pytest.approx(28 / 20)
+    assert "1.40×" in sa.verdict_table_5(table)
+    fast = decode_frame()
+    fast.loc[fast["variant"] == "scylla", "decode/tokens_per_s"] *= 2
+    assert "reach the paper's ~2×" in sa.verdict_table_5(sa.table_5(fast))
+    assert sa.plot_table_5(decode_frame()) is not None
+
+
+def test_law_verdict_changes_with_the_data():
+    good = sa.fit_loglinear(law_frame(), "train_tokens", "val/tau_chain", unit="seed")
+    text = sa.verdict_law("theorem_1_1", {"tau": good}, law_frame())
+    assert text.splitlines()[1].startswith("**Supported**")
+    assert f"{good.slope:.3f}" in text and f"{good.r2:.3f}" in text
+    bad = sa.fit_loglinear(law_frame(slope=-0.2), "train_tokens", "val/tau_chain", unit="seed")
+    assert "**Not supported**" in sa.verdict_law("theorem_1_1", {"tau": bad}, law_frame())
+    flat = sa.fit_loglinear(law_frame(slope=0.0, noise=0.05, rng_seed=3), "train_tokens",
+                            "val/tau_chain", unit="seed")
+    text = sa.verdict_law("theorem_1_1", {"tau": flat}, law_frame())
+    assert "**Supported**" not in text
+
+
+def test_batch_table_picks_the_fastest_tree_per_batch():
+    runs = pd.DataFrame({"decode_batch_size": [1, 1, 8, 8], "tree_top_k": [4, 1, 4, 1],
+                         "tree_total_tokens": [16, 4, 16, 4],
+                         "decode/tokens_per_s": [30, 20, 50, 80]})
+    table = sa.batch_table(runs)
+    assert table["tree_total_tokens"].tolist() == [16, 4]
+    fit = sa.fit_loglinear(table, "decode_batch_size", "tree_total_tokens")
+    assert fit.slope < 0
+    assert sa.plot_theorem_1_3(runs, fit) is not None
+
+
+def test_law_figures_are_made(tmp_path):
+    df = law_frame()
+    fit = sa.fit_loglinear(df, "train_tokens", "val/tau_chain", unit="seed")
+    fig = sa.plot_theorem_1_1(df, fit)
+    fig.savefig(tmp_path / "f.png")
+    assert (tmp_path / "f.png").stat().st_size > 10_000
+    layers = df.assign(draft_n_layer=df["train_tokens"] / 1e4, draft_params=df["train_tokens"])
+    f1 = sa.fit_loglinear(layers, "draft_n_layer", "val/tau_chain")
+    f2 = sa.fit_loglinear(layers, "draft_params", "val/tau_chain")
+    assert len(sa.plot_theorem_1_2(layers, f1, f2).axes) == 2
+    path = sa.save_points(fit, tmp_path / "points", "t11")
+    assert pd.read_csv(path)["n"].tolist() == [3] * 5
+
+
+# -- the fit stage --------------------------------------------------------------------------------
+
+def test_fit_stage_logs_the_law_and_its_artifacts(mlflow_store, capsys):
+    from scylla.cli import main
+
+    log_train_runs(law_frame(seeds=(0, 1)))
+    assert main(["fit", "--experiment", "exp", "--stage", "train", "--x", "train_tokens",
+                 "--y", "val/tau_chain", "--unit", "seed", "--name", "t11", "--n-boot", "300"]) == 0
+    assert "val/tau_chain = " in capsys.readouterr().out
+    fits = sa.load_runs("exp", stage="fit")
+    assert len(fits) == 1
+    row = fits.iloc[0]
+    assert row["law/slope"] == pytest.approx(0.2, abs=0.03)
+    assert row["law/slope_ci_low"] < row["law/slope"] < row["law/slope_ci_high"]
+    assert row["x"] == "train_tokens" and row["n_inputs"] == 10
+    art = {a.path for a in mlflow.MlflowClient().list_artifacts(row["run_id"])}
+    assert {"points.csv", "runs.csv", "fit.json", "figure.png"} <= art
+
+
+def test_fit_stage_without_runs_is_a_clear_error(mlflow_store, capsys):
+    from scylla.cli import main
+
+    assert main(["fit", "--experiment", "nothing", "--x", "a", "--y", "b", "--no-mlflow"]) == 2
+    assert "no finished 'train' runs in experiment 'nothing'" in capsys.readouterr().err
