@@ -105,8 +105,8 @@ def run_all(profile: str, *, simulate: bool = False, log: Callable[[str], None] 
     return [run_sweep(load_sweep(p), profile, simulate=simulate, log=log) for p in sweep_paths()]
 
 
-def reproduce(profile: str, report_dir: str | Path = "report", simulate: bool = False,
-              log: Callable[[str], None] = print) -> Path:
+def reproduce(profile: str, report_dir: str | Path = "notebooks/report",
+              simulate: bool = False, log: Callable[[str], None] = print) -> Path:
     """The main job: every sweep's ``profile``, then the notebooks rendered into an HTML
     report (returns its ``index.html``)."""
     from scylla.analysis.report import render_report

@@ -119,7 +119,8 @@ def render_report(out_dir: str | Path, profile: str = "quick", simulated: bool =
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="report", help="Output directory (default: report/).")
+    parser.add_argument("--out", default="notebooks/report",
+                        help="Output directory (default: notebooks/report/).")
     parser.add_argument("--profile", default=os.environ.get("SCYLLA_PROFILE", "quick"),
                         help="Sweep profile whose runs the notebooks read (default: "
                              "$SCYLLA_PROFILE or quick, as `scylla sweep`).")
