@@ -13,7 +13,7 @@ import json
 import platform
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -91,26 +91,32 @@ def per_category(result: DecodeResult, categories: list[str]) -> dict[str, dict[
 
 
 class Bench:
-    """Holds the target (ours and HF's), the draft and the prompts; runs methods."""
+    """Holds the target (ours and, lazily, HF's), the draft and runs methods by name."""
 
-    def __init__(self, spec: TargetSpec, draft_path: str | None):
+    def __init__(self, target: Any, draft: Any = None, hf_loader: Any = None):
+        self.target = target
+        self.draft = draft
+        self._hf_loader = hf_loader
+        self._hf_model = None
+
+    @classmethod
+    def load(cls, spec: TargetSpec, draft_path: str | None) -> "Bench":
         from scylla.targets import load_hf_model, load_target
 
-        self.target = load_target(spec)
-        self.hf_model = None
-        self._hf_args = (spec.target, "float32" if self.target.dtype == torch.float32
-                         else str(self.target.dtype).removeprefix("torch."), spec.device)
-        self._load_hf = load_hf_model
-        self.draft = None
+        target = load_target(spec)
+        draft = None
         if draft_path:
             from scylla.drafts import load_draft
 
-            self.draft = load_draft(draft_path, self.target)
+            draft = load_draft(draft_path, target)
+        dtype = str(target.dtype).removeprefix("torch.")
+        return cls(target, draft, lambda: load_hf_model(spec.target, dtype, spec.device))
 
     def hf(self) -> Any:
-        if self.hf_model is None:
-            self.hf_model = self._load_hf(*self._hf_args)
-        return self.hf_model
+        """The transformers model of the target (peers, and logit gaps of mismatches)."""
+        if self._hf_model is None:
+            self._hf_model = self._hf_loader()
+        return self._hf_model
 
     def run_method(self, method: str, prompts: list[list[int]], cfg: DecodeConfig
                    ) -> DecodeResult:
@@ -121,13 +127,10 @@ class Bench:
                                self.target.eos_token_ids, assisted_pld=method != "hf")
         from scylla.decoding import METHODS
 
-        if method not in METHODS:
-            raise ConfigError(f"--methods: unknown method {method!r}; available: "
-                              f"{', '.join(sorted([*METHODS, *PEERS]))}")
-        return METHODS[method](self.target, prompts, cfg, self.draft)
+        return METHODS[method](self.target, prompts, replace(cfg, method=method), self.draft)
 
     def timed(self, method: str, prompts: list[list[int]], cfg: DecodeConfig) -> DecodeResult:
-        warm = DecodeConfig(**{**asdict(cfg), "max_new_tokens": min(8, cfg.max_new_tokens)})
+        warm = replace(cfg, max_new_tokens=min(8, cfg.max_new_tokens))
         self.run_method(method, prompts[:1], warm)  # warm-up, excluded from timing
         start = time.perf_counter()
         result = self.run_method(method, prompts, cfg)
@@ -181,11 +184,21 @@ def describe(bench: Bench, spec: TargetSpec, cfg: DecodeConfig, prompts: list[An
             "prompt_ids": [p.id for p in prompts], "config": as_params(cfg)}
 
 
-def run_bench(spec: TargetSpec, cfg: DecodeConfig, methods: list[str], prompts: list[Any],
-              draft_path: str | None = None) -> dict[str, Any]:
+def check_methods(methods: list[str]) -> None:
+    from scylla.decoding import METHODS
+
+    known = sorted([*METHODS, *PEERS])
     if not methods:
         raise ConfigError("--methods: give at least one method")
-    bench = Bench(spec, draft_path)
+    for m in methods:
+        if m not in known:
+            raise ConfigError(f"--methods: unknown method {m!r}; available: {', '.join(known)}")
+
+
+def run_bench(spec: TargetSpec, cfg: DecodeConfig, methods: list[str], prompts: list[Any],
+              draft_path: str | None = None) -> dict[str, Any]:
+    check_methods(methods)
+    bench = Bench.load(spec, draft_path)
     ids = encode_prompts(bench.target.tokenizer, prompts,
                          bench.target.model.config.max_position_embeddings, cfg.max_new_tokens)
     reports = measure(bench, cfg, methods, ids, [p.category for p in prompts])
@@ -197,16 +210,16 @@ def run_batch_sweep(spec: TargetSpec, cfg: DecodeConfig, prompts: list[Any],
                     batch_sizes: list[int], top_ks: list[int], draft_path: str | None
                     ) -> dict[str, Any]:
     """Throughput of ``plain`` and of ``tree`` per tree width, for each decode batch size."""
-    bench = Bench(spec, draft_path)
+    bench = Bench.load(spec, draft_path)
     ids = encode_prompts(bench.target.tokenizer, prompts,
                          bench.target.model.config.max_position_embeddings, cfg.max_new_tokens)
     cats = [p.category for p in prompts]
     rows = []
     for b in batch_sizes:
-        base = DecodeConfig(**{**asdict(cfg), "decode_batch_size": b})
+        base = replace(cfg, decode_batch_size=b)
         plain = measure(bench, base, ["plain"], ids, cats)[0]
         for k in top_ks:
-            tree_cfg = DecodeConfig(**{**asdict(base), "tree_top_k": k})
+            tree_cfg = replace(base, tree_top_k=k)
             tree = measure(bench, tree_cfg, ["tree"], ids, cats)[0]
             rows.append({"decode_batch_size": b, "tree_top_k": k,
                          "tree_total_tokens": cfg.tree_total_tokens,
@@ -354,6 +367,7 @@ def run(args: argparse.Namespace) -> int:
     spec = dataclass_from_args(TargetSpec, args)
     cfg = dataclass_from_args(DecodeConfig, args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    check_methods(methods)
     prompts = load_bench_prompts(args.prompts, args.num_prompts)
     if args.sweep_batch:
         report = run_batch_sweep(spec, cfg, prompts, int_list("--sweep-batch", args.sweep_batch),

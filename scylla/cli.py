@@ -19,7 +19,15 @@ from scylla.errors import ScyllaError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "targets": ("scylla.target_cli", "List the target registry and what is cached."),
     "bench": ("scylla.bench", "Run decoding methods side by side on the same prompts."),
+    "generate": ("scylla.decoding.generate",
+                 "Answer a prompt or a chat with a target and a draft, streaming the text."),
     "main": ("scylla.main_job", "The default end-to-end job (the README's first command)."),
+    "fit": ("scylla.analysis.fit_stage", "Fit a log-linear law to runs in MLflow and log it."),
+    "sweep": ("scylla.sweep", "Run sweep files (pipelines/sweeps) stage by stage, reusing runs."),
+    "report": ("scylla.analysis.report", "Execute the notebooks and render them to HTML."),
+    "hidden-states": ("scylla.data.hidden_states",
+                      "Run the frozen target over the corpus and write hidden-state shards."),
+    "train": ("scylla.drafts.train", "Train a draft (scylla or eagle3) on hidden-state shards."),
 }
 
 

@@ -94,12 +94,16 @@ class DraftConfig:
     draft_n_layer: int = doc("Decoder layers in the draft (the capacity axis).", 1)
     draft_vocab_size: int = doc("Pruned draft vocabulary (most frequent training tokens); "
                                 "0 keeps the target's full vocabulary.", 0)
+    feature_layers: str = doc("eagle3: target hidden_states indices fused as low,mid,high "
+                              "(e.g. '2,15,27'); '' = EAGLE-3's (2, L//2, L-3).", "")
 
     def __post_init__(self) -> None:
         o = "DraftConfig"
         check(self.kind in DRAFT_KINDS, o, "kind", self.kind, f"one of {DRAFT_KINDS}")
         check(self.draft_n_layer >= 1, o, "draft_n_layer", self.draft_n_layer, ">= 1")
         check(self.draft_vocab_size >= 0, o, "draft_vocab_size", self.draft_vocab_size, ">= 0")
+        check(not self.feature_layers or self.kind == "eagle3", o, "feature_layers",
+              self.feature_layers, "only for kind='eagle3'")
 
 
 @dataclass
@@ -115,6 +119,22 @@ class TrainConfig:
     feature_noise: float = doc("Half-width of uniform noise added to input features.", 0.2)
     epochs: int = doc("Passes over the budget.", 1)
     seed: int = doc("Random seed (data order within the budget, init, noise).", 0)
+    pretrain_tokens: int = doc("Two stages: pretrain on this many tokens of plain text (loss on "
+                               "every token) before SFT on train_tokens with assistant-only "
+                               "masks; 0 = SFT only.", 0)
+    val_tokens: int = doc("Validation budget: prefix of the held-out split.", 20_000)
+    ttt_steps: int = doc("Training-time test: steps the draft is unrolled on its own features "
+                         "during training; 0 = the kind's default (scylla 1, eagle3 3).", 0)
+    ttt_decay: float = doc("Weight of unrolled step k is ttt_decay**k (EAGLE-3: 0.8).", 0.8)
+    val_chain_len: int = doc("Chain length gamma of val/tau_chain (draft steps unrolled).", 5)
+    warmup_steps: int = doc("Linear learning-rate warm-up steps (then cosine decay to "
+                            "lr/10 at the last step).", 10)
+    grad_clip: float = doc("Gradient-norm clipping (EAGLE: 0.5); 0 disables it.", 0.5)
+    checkpoint_every: int = doc("Save a resumable checkpoint every this many steps.", 50)
+    val_check_steps: int = doc("Validate every this many steps as well; 0 = at the end only.",
+                               0)
+    online: bool = doc("Run the target inside the training step instead of reading hidden-"
+                       "state shards (for budgets too large to cache).", False)
 
     def __post_init__(self) -> None:
         o = "TrainConfig"
@@ -128,3 +148,12 @@ class TrainConfig:
               "w_hidden + w_logits must be > 0")
         check(self.feature_noise >= 0, o, "feature_noise", self.feature_noise, ">= 0")
         check(self.epochs >= 1, o, "epochs", self.epochs, ">= 1")
+        check(self.pretrain_tokens >= 0, o, "pretrain_tokens", self.pretrain_tokens, ">= 0")
+        check(self.val_tokens >= 0, o, "val_tokens", self.val_tokens, ">= 0")
+        check(self.ttt_steps >= 0, o, "ttt_steps", self.ttt_steps, ">= 0")
+        check(0 < self.ttt_decay <= 1, o, "ttt_decay", self.ttt_decay, "in (0, 1]")
+        check(self.val_chain_len >= 1, o, "val_chain_len", self.val_chain_len, ">= 1")
+        check(self.warmup_steps >= 0, o, "warmup_steps", self.warmup_steps, ">= 0")
+        check(self.grad_clip >= 0, o, "grad_clip", self.grad_clip, ">= 0")
+        check(self.checkpoint_every >= 1, o, "checkpoint_every", self.checkpoint_every, ">= 1")
+        check(self.val_check_steps >= 0, o, "val_check_steps", self.val_check_steps, ">= 0")

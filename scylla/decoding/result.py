@@ -22,6 +22,9 @@ class RowStats:
     accepted: int = 0  # of those, accepted
     proposed_at: list[int] = field(default_factory=list)  # per draft position i
     accepted_at: list[int] = field(default_factory=list)
+    # wall-clock share of this row: each forward's time split evenly over the rows it served
+    # (so per-category tokens/s = category tokens / category seconds); 0 where not measured
+    seconds: float = 0.0
 
     def add_position(self, i: int, accepted: bool) -> None:
         while len(self.proposed_at) <= i:

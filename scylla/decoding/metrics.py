@@ -1,0 +1,62 @@
+"""Decoding metrics derived from raw counts (RowStats), always as ratios of sums.
+
+- ``decode/tau``: new tokens / target forwards (the bonus token included; plain = 1).
+- ``decode/alpha``: accepted / tested draft tokens, where a draft token is tested when every
+  token before it on the path was accepted; ``decode/alpha_at_{i}`` the same at draft
+  position i (0 = the first draft token after the root).
+- ``decode/tokens_per_s``: new tokens / wall seconds (per category: over the rows' shares).
+- the accepted-length histogram: how many target forwards emitted n tokens.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Iterable
+
+from scylla.decoding.result import DecodeResult, RowStats
+
+
+def accepted_histogram(stats: Iterable[RowStats]) -> dict[int, int]:
+    """{tokens emitted by one target forward: how many forwards} (prefills included)."""
+    hist: dict[int, int] = defaultdict(int)
+    for s in stats:
+        for n in s.accepted_lengths:
+            hist[n] += 1
+    return dict(sorted(hist.items()))
+
+
+def summarize(stats: Iterable[RowStats], seconds: float | None = None) -> dict[str, float]:
+    """Metrics over rows; ``seconds`` the wall time they took (default: their shares)."""
+    stats = list(stats)
+    new = sum(s.new_tokens for s in stats)
+    forwards = sum(s.target_forwards for s in stats)
+    proposed = sum(s.proposed for s in stats)
+    out = {"decode/new_tokens": float(new), "decode/target_forwards": float(forwards),
+           "decode/draft_forwards": float(sum(s.draft_forwards for s in stats)),
+           "decode/tau": new / max(1, forwards),
+           "decode/alpha": sum(s.accepted for s in stats) / proposed if proposed else float("nan")}
+    depth = max((len(s.proposed_at) for s in stats), default=0)
+    for i in range(depth):
+        tested = sum(s.proposed_at[i] for s in stats if i < len(s.proposed_at))
+        hit = sum(s.accepted_at[i] for s in stats if i < len(s.accepted_at))
+        out[f"decode/alpha_at_{i}"] = hit / tested if tested else float("nan")
+    wall = sum(s.seconds for s in stats) if seconds is None else seconds
+    out["decode/seconds"] = wall
+    out["decode/tokens_per_s"] = new / wall if wall > 0 else float("nan")
+    return out
+
+
+def result_metrics(result: DecodeResult) -> dict[str, float]:
+    """``summarize`` over a whole call, timed by its wall clock, with its time split."""
+    out = summarize(result.stats, result.seconds.get("total"))
+    for part in ("draft", "verify", "other"):
+        if part in result.seconds:
+            out[f"decode/seconds_{part}"] = result.seconds[part]
+    return out
+
+
+def by_category(result: DecodeResult, categories: list[str]) -> dict[str, dict[str, float]]:
+    """``summarize`` per category (categories[i] is prompt i's)."""
+    groups: dict[str, list[RowStats]] = defaultdict(list)
+    for cat, s in zip(categories, result.stats):
+        groups[cat].append(s)
+    return {cat: summarize(rows) for cat, rows in sorted(groups.items())}

@@ -1,0 +1,69 @@
+"""Draft checkpoints: ``draft.safetensors`` (trainable weights, d2t) + ``draft.json`` (DraftSpec).
+
+The frozen embedding and LM head belong to the target and are not saved; ``load_draft`` takes
+them from the target it is given, after checking that it is the target the draft was built for
+(name, hidden size, vocabulary, number of layers), else DraftMismatchError.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from scylla.drafts.model import DraftModel, instantiate
+from scylla.drafts.spec import DraftSpec
+from scylla.errors import DataError
+
+WEIGHTS = "draft.safetensors"
+CONFIG = "draft.json"
+
+
+def save_draft(draft: DraftModel, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write the draft to directory ``path`` (created); ``extra`` goes into the JSON config."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in draft.state_dict().items()}
+    tmp = out / (WEIGHTS + ".tmp")
+    save_file(state, str(tmp))
+    os.replace(tmp, out / WEIGHTS)
+    spec = draft.spec.to_json()
+    spec["extra"] = {**spec["extra"], **(extra or {})}
+    spec["draft_params"] = draft.draft_params
+    (out / (CONFIG + ".tmp")).write_text(json.dumps(spec, indent=1))
+    os.replace(out / (CONFIG + ".tmp"), out / CONFIG)
+    return out
+
+
+def read_spec(path: str | Path) -> DraftSpec:
+    cfg = Path(path) / CONFIG
+    if not cfg.is_file():
+        raise DataError(f"{cfg}: no draft config here (expected a directory written by "
+                        "save_draft / `scylla train`)")
+    try:
+        return DraftSpec.from_json(json.loads(cfg.read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DataError(f"{cfg}: malformed draft config ({e})") from e
+
+
+def load_draft(path: str | Path, target: Any) -> DraftModel:
+    """The draft saved at ``path``, wired to ``target``'s frozen embedding and LM head.
+
+    Raises DraftMismatchError when ``target`` is not the one the draft was trained for.
+    """
+    spec = read_spec(path)
+    spec.check_target(target, where=f"draft {path}")
+    weights = Path(path) / WEIGHTS
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise DataError(f"{weights}: cannot read draft weights ({e})") from e
+    draft = instantiate(spec, target, state.get("d2t"))
+    missing, unexpected = draft.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise DataError(f"{weights} does not match its config {CONFIG}: missing "
+                        f"{missing}, unexpected {unexpected}")
+    return draft.to(dtype=target.model.embed_tokens.weight.dtype).eval()

@@ -1,0 +1,215 @@
+"""Draft models: plain ``nn.Module``s that read the frozen target's features.
+
+Both kinds share the EAGLE input: at row position t the draft gets token x_{t+1} and a feature of
+position t, projects ``fc([embed(x_{t+1}); feature]) : 2H -> H`` and runs ``draft_n_layer`` of our
+``DecoderLayer``s; the output ``hidden`` at t predicts x_{t+2}. For further draft steps the draft's
+own ``hidden`` is fed back as the feature.
+
+- ``ScyllaDraft`` (EAGLE-2 style, the paper's draft): the feature is the target's post-norm top
+  hidden state; ``hidden`` is regressed onto the target's next feature and read out by the
+  target's frozen LM head (no norm in between, as the target's feature is already normed).
+- ``Eagle3Draft`` (the strongest public baseline): the feature is the target's low / middle /
+  high hidden states fused by ``fuse : 3H -> H``; ``hidden`` goes through its own norm and its own
+  trainable LM head (initialised from the target's). Unlike EAGLE-3, whose first layer takes the
+  2H concatenation into its attention projections, we project with ``fc`` first so that the
+  same ``DecoderLayer`` serves both kinds.
+
+The embedding and the target's LM head rows are frozen, shared with the target and held as
+non-persistent buffers: they are never saved with the draft (``load_draft`` takes them from the
+target) and do not count in ``draft_params``. With ``draft_vocab_size > 0`` the draft predicts
+over a pruned vocabulary; ``d2t`` maps draft ids to target ids.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scylla.drafts.spec import DraftSpec, TargetInfo, eagle3_layers
+from scylla.errors import ConfigError
+from scylla.modeling import (AttentionStep, DecoderLayer, ForwardOutput, KVCache, RMSNorm,
+                             RotaryEmbedding, attention_step)
+
+
+@dataclass
+class DraftOutput:
+    logits: torch.Tensor | None  # (B, K, Vd) over the draft vocabulary
+    hidden: torch.Tensor  # (B, K, H) the draft's feature (fed back for the next draft step)
+
+
+class DraftModel(nn.Module):
+    """Shared body of the drafts; see the module docstring. Build one with
+    ``instantiate(draft_spec(...), target, d2t)`` or ``load_draft(path, target)``."""
+
+    def __init__(self, spec: DraftSpec, embed_weight: torch.Tensor,
+                 target_head_weight: torch.Tensor, d2t: torch.Tensor | None):
+        super().__init__()
+        self.spec = spec
+        hidden = spec.target.hidden_size
+        self.register_buffer("embed_weight", embed_weight, persistent=False)  # (V, H) frozen
+        # the target's LM head rows of the draft vocabulary: (Vd, H), frozen
+        self.register_buffer("target_head_weight", target_head_weight, persistent=False)
+        self.register_buffer("d2t", d2t)  # (Vd,) draft id -> target id, or None
+        self.fc = nn.Linear(2 * hidden, hidden, bias=True)
+        self.layers = nn.ModuleList(DecoderLayer(spec.layer_config, i)
+                                    for i in range(spec.draft_n_layer))
+        self.rotary = RotaryEmbedding(spec.layer_config)
+
+    @property
+    def kind(self) -> str:
+        return self.spec.kind
+
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        return self.spec.feature_layers
+
+    @property
+    def draft_params(self) -> int:
+        """Trainable parameters (the capacity axis next to ``draft_n_layer``)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.fc.weight.dtype
+
+    def features(self, target_out: ForwardOutput) -> torch.Tensor:
+        """What the draft consumes from a target forward: (B, K, F)."""
+        if not self.feature_layers:
+            return target_out.last_hidden
+        missing = [i for i in self.feature_layers if i not in target_out.hidden]
+        if missing:
+            raise ConfigError(f"target forward lacks hidden layers {missing}; call it with "
+                              f"hidden_layers={self.feature_layers}")
+        return torch.cat([target_out.hidden[i] for i in self.feature_layers], dim=-1)
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        c = self.spec.layer_config
+        return KVCache(self.spec.draft_n_layer, batch_size, c.num_key_value_heads, max_len,
+                       c.head_dim, self.fc.weight.device, self.dtype)
+
+    def input_feature(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, K, F) -> (B, K, H); the identity for the Scylla draft."""
+        return features.to(self.dtype)
+
+    def project(self, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        emb = F.embedding(input_ids, self.embed_weight).to(self.dtype)  # (B, K, H)
+        return self.fc(torch.cat([emb, self.input_feature(features)], dim=-1))
+
+    def run_layers(self, x: torch.Tensor, step: AttentionStep, cache: KVCache | None
+                   ) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x, step, cache.layer(i) if cache is not None else None)
+        if cache is not None:
+            cache.advance(x.shape[1])
+        return x
+
+    def readout(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Draft logits (B, K, Vd) from the draft's hidden (B, K, H)."""
+        return F.linear(hidden, self.target_head_weight.to(hidden.dtype))
+
+    def target_logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
+        """The target's logits over the draft vocabulary from its post-norm feature (B, K, H)."""
+        return F.linear(last_hidden.to(self.dtype), self.target_head_weight.to(self.dtype))
+
+    def forward(self, input_ids: torch.Tensor, features: torch.Tensor,
+                cache: KVCache | None = None, position_ids: torch.Tensor | None = None,
+                tree_mask: torch.Tensor | None = None, compute_logits: bool = True
+                ) -> DraftOutput:
+        """input_ids (B, K) target-vocabulary ids, features (B, K, F) -> DraftOutput.
+
+        Cache, position ids and tree mask behave as in ``LlamaFamilyModel.forward``.
+        compute_logits=False skips the LM head (logits None): decoding's prefill and catch-up
+        need logits at one position only and call ``readout`` on that hidden state.
+        """
+        step = attention_step(self.spec.layer_config, self.rotary, input_ids, cache,
+                              position_ids, tree_mask, self.dtype)
+        hidden = self.run_layers(self.project(input_ids, features), step, cache)
+        return DraftOutput(self.readout(hidden) if compute_logits else None, hidden)
+
+    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        return draft_ids if self.d2t is None else self.d2t[draft_ids]
+
+
+class ScyllaDraft(DraftModel):
+    """EAGLE-2-style draft with ``draft_n_layer`` layers, read out by the target's LM head."""
+
+
+class Eagle3Draft(DraftModel):
+    """EAGLE-3-style draft: fused low/mid/high target features, own norm and LM head."""
+
+    def __init__(self, spec: DraftSpec, embed_weight: torch.Tensor,
+                 target_head_weight: torch.Tensor, d2t: torch.Tensor | None):
+        super().__init__(spec, embed_weight, target_head_weight, d2t)
+        hidden = spec.target.hidden_size
+        self.fuse = nn.Linear(len(spec.feature_layers) * hidden, hidden, bias=False)
+        self.norm = RMSNorm(hidden, spec.layer_config.rms_norm_eps)
+        self.lm_head = nn.Linear(hidden, spec.vocab_size, bias=False)
+        with torch.no_grad():
+            self.lm_head.weight.copy_(target_head_weight)
+
+    def input_feature(self, features: torch.Tensor) -> torch.Tensor:
+        """Target features (B, K, 3H) are fused; the draft's own hidden (B, K, H) passes."""
+        hidden = self.spec.target.hidden_size
+        features = features.to(self.dtype)
+        if features.shape[-1] == hidden:
+            return features
+        if features.shape[-1] != self.fuse.in_features:
+            raise ConfigError(f"eagle3 draft expects features of width {self.fuse.in_features} "
+                              f"(layers {self.feature_layers}) or {hidden}, got "
+                              f"{features.shape[-1]}")
+        return self.fuse(features)
+
+    def readout(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(hidden))
+
+
+KINDS: dict[str, type[DraftModel]] = {"scylla": ScyllaDraft, "eagle3": Eagle3Draft}
+
+
+def parse_layers(text: str, num_hidden_layers: int) -> tuple[int, ...]:
+    """``"2,15,27"`` -> (2, 15, 27); ``""`` -> EAGLE-3's choice for this target."""
+    if not text.strip():
+        return eagle3_layers(num_hidden_layers)
+    try:
+        layers = tuple(int(s) for s in text.split(","))
+    except ValueError as e:
+        raise ConfigError(f"DraftConfig.feature_layers={text!r}: expected comma-separated "
+                          "integers such as '2,15,27'") from e
+    if not all(1 <= i <= num_hidden_layers for i in layers):
+        raise ConfigError(f"DraftConfig.feature_layers={text!r}: indices must lie in "
+                          f"[1, {num_hidden_layers}] (HF hidden_states of this target)")
+    return layers
+
+
+def draft_spec(kind: str, draft_n_layer: int, target: Any, draft_vocab_size: int = 0,
+               feature_layers: str = "", extra: dict[str, Any] | None = None) -> DraftSpec:
+    """The spec of a new draft for ``target`` (a ``Target`` or anything with .name, .model)."""
+    if kind not in KINDS:
+        raise ConfigError(f"DraftConfig.kind={kind!r}: one of {tuple(KINDS)}")
+    info = TargetInfo.of(target)
+    layer_config = dataclasses.replace(target.model.config, num_hidden_layers=draft_n_layer)
+    layers = parse_layers(feature_layers, info.num_hidden_layers) if kind == "eagle3" else ()
+    return DraftSpec(kind=kind, draft_n_layer=draft_n_layer, target=info,
+                     layer_config=layer_config, feature_layers=layers,
+                     draft_vocab_size=draft_vocab_size, extra=dict(extra or {}))
+
+
+def instantiate(spec: DraftSpec, target: Any, d2t: torch.Tensor | None = None) -> DraftModel:
+    """A draft for ``spec`` wired to the frozen embedding / LM head of ``target``."""
+    spec.check_target(target)
+    model = target.model
+    if spec.draft_vocab_size:
+        if d2t is None or d2t.shape != (spec.draft_vocab_size,):
+            raise ConfigError(f"draft_vocab_size={spec.draft_vocab_size} needs a d2t map of that "
+                              "many target ids (see scylla.drafts.vocab.build_d2t)")
+        d2t = d2t.to(device=model.lm_head.weight.device, dtype=torch.long)
+        head = model.lm_head.weight.detach().index_select(0, d2t)  # (Vd, H) copy
+    else:
+        d2t = None
+        head = model.lm_head.weight.detach()  # (V, H) shared with the target
+    draft = KINDS[spec.kind](spec, model.embed_tokens.weight.detach(), head, d2t)
+    return draft.to(device=head.device)

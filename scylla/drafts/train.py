@@ -1,0 +1,319 @@
+"""``scylla train`` (stage ``train``): train a draft on hidden-state shards (or online).
+
+One MLflow run per training, tagged ``stage=train``: every config field as a param (with
+``train_tokens``, ``draft_n_layer``, ``seed`` among them), the derived ``draft_params``, and the
+metrics of ``scylla.drafts.module``. The output directory holds Lightning's resumable checkpoint
+(``checkpoints/last.ckpt``), the MLflow run id and, at the end, the draft (``draft/``) and
+``result.json``. Run the same command again after a kill and it resumes from the checkpoint,
+in the same MLflow run, and ends where an uninterrupted run ends; once ``result.json`` exists
+the command only reports it.
+
+Multi-process training: ``--devices 2 --strategy ddp`` (on CPU with gloo). Lightning starts the
+other ranks by re-running the command; they find the MLflow run id in ``SCYLLA_TRAIN_RUN_ID``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from scylla import paths
+from scylla.config import DraftConfig, TargetSpec, TrainConfig, as_params
+from scylla.data.hidden_states import (HiddenStatesConfig, feature_layer_indices, open_corpus,
+                                       shard_root, slug)
+from scylla.drafts.checkpoint import save_draft
+from scylla.drafts.data import (DraftDataModule, SequenceSource, make_plan, online_features,
+                                prefix_length, shard_source, tokenized_source)
+from scylla.drafts.model import DraftModel, draft_spec, instantiate
+from scylla.drafts.module import DraftTraining, ttt_steps_of
+from scylla.drafts.spec import TargetInfo
+from scylla.drafts.vocab import build_d2t, token_counts
+from scylla.errors import ConfigError, DataError
+
+RUN_ENV = "SCYLLA_TRAIN_RUN_ID"
+RUN_FILE = "mlflow_run.json"
+RESULT_FILE = "result.json"
+CKPT_DIR = "checkpoints"
+# Data flags of `scylla hidden-states` that `scylla train` shares (the budgets come from
+# TrainConfig, the layers from DraftConfig)
+DATA_SKIP = ("train_tokens", "val_tokens", "max_seq_len", "feature_layers", "tokens_per_shard",
+             "build_batch_tokens")
+
+
+def data_config(draft_cfg: DraftConfig, cfg: TrainConfig, data: HiddenStatesConfig
+                ) -> HiddenStatesConfig:
+    """The hidden-states build whose shards this training reads."""
+    return dataclasses.replace(
+        data, train_tokens=max(cfg.train_tokens, cfg.pretrain_tokens), val_tokens=cfg.val_tokens,
+        max_seq_len=cfg.max_seq_len,
+        feature_layers=(draft_cfg.feature_layers or "eagle3") if draft_cfg.kind == "eagle3" else "")
+
+
+def check_shards(source: SequenceSource, target: Any, cfg: TrainConfig,
+                 layers: tuple[int, ...], where: str) -> None:
+    h = source.header
+    want = dataclasses.asdict(TargetInfo.of(target))
+    if h.get("target") != want:
+        raise DataError(f"{where} was built for target {h.get('target')}, not {want}")
+    if h.get("max_seq_len") != cfg.max_seq_len:
+        raise DataError(f"{where} was built with max_seq_len={h.get('max_seq_len')}, but "
+                        f"TrainConfig.max_seq_len={cfg.max_seq_len}")
+    missing = [i for i in layers if i not in h.get("layers", [])]
+    if missing:
+        raise DataError(f"{where} lacks target layers {missing} that the eagle3 draft fuses; "
+                        "build shards with `scylla hidden-states --feature-layers eagle3`")
+
+
+def shard_sources(root: Path, target: Any, cfg: TrainConfig, layers: tuple[int, ...]
+                  ) -> tuple[SequenceSource, SequenceSource | None]:
+    budget = max(cfg.train_tokens, cfg.pretrain_tokens)
+    train = shard_source(str(root / "train"), budget, "train_tokens")
+    check_shards(train, target, cfg, layers, str(root / "train"))
+    val = None
+    if cfg.val_tokens:
+        val = shard_source(str(root / "val"), cfg.val_tokens, "val_tokens")
+        check_shards(val, target, cfg, layers, str(root / "val"))
+    return train, val
+
+
+def prefix_examples(corpus: Any, tokens: int, strict: bool) -> list[Any]:
+    out, total = [], 0
+    for e in corpus.examples():
+        out.append(e)
+        total += len(e.input_ids)
+        if total >= tokens:
+            return out
+    if strict:
+        raise DataError(f"the corpus holds {total} tokens, fewer than the budget {tokens}")
+    return out
+
+
+def online_sources(data: HiddenStatesConfig, target: Any, cfg: TrainConfig
+                   ) -> tuple[SequenceSource, SequenceSource | None]:
+    budget = max(cfg.train_tokens, cfg.pretrain_tokens)
+    train = tokenized_source(prefix_examples(open_corpus(data, target.tokenizer, "train"),
+                                             budget, strict=True))
+    val = None
+    if cfg.val_tokens:
+        val = tokenized_source(prefix_examples(open_corpus(data, target.tokenizer, "val"),
+                                               cfg.val_tokens, strict=False))
+    return train, val
+
+
+def vocab_map(train: SequenceSource, draft_cfg: DraftConfig, cfg: TrainConfig,
+              target: Any) -> torch.Tensor | None:
+    """d2t from token frequencies of the training budget (pretraining counts every token)."""
+    if not draft_cfg.draft_vocab_size:
+        return None
+    lengths = train.lengths
+    sft = prefix_length(lengths, cfg.train_tokens)
+    pre = prefix_length(lengths, cfg.pretrain_tokens) if cfg.pretrain_tokens else 0
+
+    def seqs() -> Any:
+        for i in range(max(sft, pre)):
+            t = train.tokens(i)
+            ids, mask = t["input_ids"], t["loss_mask"]
+            if i < sft:
+                yield ids, mask
+            if i < pre:
+                yield ids, torch.ones_like(mask)
+
+    counts = token_counts(seqs(), target.model.config.vocab_size)
+    return build_d2t(counts, draft_cfg.draft_vocab_size, target.model.config.eos_token_ids)
+
+
+def new_draft(target: Any, draft_cfg: DraftConfig, cfg: TrainConfig,
+              d2t: torch.Tensor | None) -> DraftModel:
+    spec = draft_spec(draft_cfg.kind, draft_cfg.draft_n_layer, target,
+                      draft_cfg.draft_vocab_size, draft_cfg.feature_layers)
+    torch.manual_seed(cfg.seed)  # the draft's initial weights are a function of the seed
+    return instantiate(spec, target, d2t).float()
+
+
+def default_out(target: Any, params: dict[str, Any], draft_cfg: DraftConfig,
+                cfg: TrainConfig) -> Path:
+    key = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
+    name = (f"{draft_cfg.kind}-L{draft_cfg.draft_n_layer}-V{draft_cfg.draft_vocab_size}"
+            f"-T{cfg.train_tokens}" + (f"-P{cfg.pretrain_tokens}" if cfg.pretrain_tokens else "")
+            + f"-s{cfg.seed}-{key[:8]}")
+    return paths.data_dir() / "drafts" / slug(target.name) / name
+
+
+def make_strategy(name: str) -> Any:
+    """``ddp`` / ``ddp_spawn`` with gloo on CPU; the frozen target tensors the draft holds as
+    buffers are never broadcast (they are identical on every rank and large)."""
+    if name in ("ddp", "ddp_spawn"):
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(start_method="spawn" if name == "ddp_spawn" else "popen",
+                           broadcast_buffers=False,
+                           process_group_backend=None if torch.cuda.is_available() else "gloo")
+    return name
+
+
+def train_draft(target: Any, draft_cfg: DraftConfig, cfg: TrainConfig, train: SequenceSource,
+                val: SequenceSource | None, out_dir: str | Path, *,
+                features: Callable[[dict, bool], dict] | None = None,
+                run_id: str | None = None, accelerator: str = "auto", devices: int = 1,
+                strategy: str = "auto", progress: bool = True,
+                max_steps: int = -1) -> dict[str, Any]:
+    """Train (or resume) a draft; returns its metrics, ``draft_params`` and the draft path.
+
+    ``run_id``: an MLflow run to log into (MLFlowLogger, rank 0); ``max_steps`` stops early
+    (tests use it to simulate a kill: the checkpoint then resumes the same plan).
+    """
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    out = Path(out_dir)
+    d2t = vocab_map(train, draft_cfg, cfg, target)
+    draft = new_draft(target, draft_cfg, cfg, d2t)
+    if features is None:
+        missing = [i for i in draft.feature_layers if f"hidden.{i}" not in train.get(0)]
+        if missing:
+            raise DataError(f"the shards lack target layers {missing} that the eagle3 draft "
+                            "fuses; build them with `scylla hidden-states --feature-layers "
+                            f"{','.join(map(str, draft.feature_layers))}`")
+    plan = make_plan(train.lengths, cfg.train_tokens, cfg.train_batch_size, cfg.epochs,
+                     cfg.seed, cfg.pretrain_tokens)
+    if not plan.batches:
+        raise DataError("the training budget holds no sequence")
+    module = DraftTraining(draft, cfg, total_steps=len(plan.batches))
+    datamodule = DraftDataModule(train, val, plan, cfg.train_batch_size, features)
+    logger: Any = False
+    if run_id is not None:
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        logger = MLFlowLogger(tracking_uri=paths.tracking_uri(), run_id=run_id)
+        logger.log_hyperparams({"draft_params": draft.draft_params})  # rank 0 only
+    ckpt = ModelCheckpoint(dirpath=out / CKPT_DIR, filename="step{step}", save_last=True,
+                           save_top_k=1, every_n_train_steps=cfg.checkpoint_every)
+    trainer = L.Trainer(
+        accelerator=accelerator, devices=devices, strategy=make_strategy(strategy),
+        max_epochs=1, max_steps=max_steps, logger=logger, callbacks=[ckpt],
+        enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
+        val_check_interval=cfg.val_check_steps or None, limit_val_batches=1.0 if val else 0,
+        gradient_clip_val=cfg.grad_clip or None, use_distributed_sampler=False,
+        log_every_n_steps=min(10, max(1, len(plan.batches) // 20)), default_root_dir=out)
+    last = out / CKPT_DIR / "last.ckpt"
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
+    result = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    result.update(draft_params=draft.draft_params, steps=trainer.global_step,
+                  planned_steps=len(plan.batches), plan=plan.digest)
+    if trainer.is_global_zero and trainer.global_step >= len(plan.batches):
+        extra = {"train": as_params(cfg), "draft": as_params(draft_cfg),
+                 "ttt_steps": ttt_steps_of(cfg, draft_cfg.kind), "plan": plan.digest}
+        result["draft"] = str(save_draft(draft, out / "draft", extra))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from scylla.cli import add_dataclass_args
+
+    add_dataclass_args(parser, TargetSpec)
+    add_dataclass_args(parser, DraftConfig)
+    add_dataclass_args(parser, TrainConfig)
+    add_dataclass_args(parser, HiddenStatesConfig, skip=DATA_SKIP)
+    g = parser.add_argument_group("run")
+    g.add_argument("--out", default="", help="Output directory (checkpoints, draft); '' = "
+                   "derived from the params under the data dir.")
+    g.add_argument("--accelerator", default="auto", help="Lightning accelerator (auto, cpu, gpu).")
+    g.add_argument("--devices", type=int, default=1, help="Processes / devices.")
+    g.add_argument("--strategy", default="auto", help="Lightning strategy: auto, ddp, "
+                   "ddp_spawn, ...")
+    g.add_argument("--no-mlflow", action="store_true", help="Do not log an MLflow run.")
+    g.add_argument("--no-progress", action="store_true", help="No progress bar.")
+
+
+def resolve_shard_root(data: HiddenStatesConfig, target: Any, layers: tuple[int, ...]) -> Path:
+    if data.shards:
+        return Path(data.shards).expanduser()
+    corpus = open_corpus(data, target.tokenizer, "train")
+    return shard_root(data, target, corpus.dir.name, layers)
+
+
+def run(args: argparse.Namespace) -> int:
+    from scylla.cli import dataclass_from_args
+    from scylla.targets import load_target
+
+    spec = dataclass_from_args(TargetSpec, args)
+    draft_cfg = dataclass_from_args(DraftConfig, args)
+    cfg = dataclass_from_args(TrainConfig, args)
+    data = data_config(draft_cfg, cfg, dataclass_from_args(
+        HiddenStatesConfig, argparse.Namespace(**{k: v for k, v in vars(args).items()
+                                                  if k not in DATA_SKIP})))
+    params = {**as_params(spec), **as_params(draft_cfg), **as_params(cfg),
+              **{k: v for k, v in as_params(data).items() if k not in DATA_SKIP}}
+    target = load_target(spec)
+    layers = feature_layer_indices(data.feature_layers, target.model.config.num_hidden_layers)
+    out = Path(args.out).expanduser() if args.out else default_out(target, params, draft_cfg, cfg)
+    if (out / RESULT_FILE).is_file():
+        print(f"already trained: {out / RESULT_FILE}\n{(out / RESULT_FILE).read_text()}")
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.online:
+        train, val = online_sources(data, target, cfg)
+        features = online_features(target.model, layers)
+    else:
+        train, val = shard_sources(resolve_shard_root(data, target, layers), target, cfg, layers)
+        features = None
+    kwargs = dict(features=features, accelerator=args.accelerator, devices=args.devices,
+                  strategy=args.strategy, progress=not args.no_progress)
+    child_run = os.environ.get(RUN_ENV)
+    if args.no_mlflow or child_run:  # a DDP rank started by Lightning, or no tracking
+        res = train_draft(target, draft_cfg, cfg, train, val, out, run_id=child_run, **kwargs)
+    else:
+        with train_run(out, params) as run_obj:
+            os.environ[RUN_ENV] = run_obj.info.run_id
+            try:
+                res = train_draft(target, draft_cfg, cfg, train, val, out,
+                                  run_id=run_obj.info.run_id, **kwargs)
+            finally:
+                os.environ.pop(RUN_ENV, None)
+            log_result(res)
+    if "draft" in res:
+        (out / RESULT_FILE).write_text(json.dumps(res, indent=1))
+        print(json.dumps({k: res[k] for k in sorted(res) if k.startswith(("val/", "draft"))},
+                         indent=1))
+    return 0
+
+
+def train_run(out: Path, params: dict[str, Any]) -> Any:
+    """The stage's MLflow run: a new one, or the one a killed attempt in ``out`` started."""
+    from scylla.tracking import mlflow_client_ready, stage_run
+
+    record = out / RUN_FILE
+    if record.is_file():
+        saved = json.loads(record.read_text())
+        if saved["params"] != json.loads(json.dumps(params, default=str)):
+            raise ConfigError(f"{out} holds a training with other params; use another --out")
+        mlflow = mlflow_client_ready()
+        return mlflow.start_run(run_id=saved["run_id"])
+
+    @contextlib.contextmanager
+    def fresh() -> Any:
+        with stage_run("train", params) as run_obj:
+            record.write_text(json.dumps({"run_id": run_obj.info.run_id,
+                                          "params": json.loads(json.dumps(params, default=str))}))
+            yield run_obj
+
+    return fresh()
+
+
+def log_result(res: dict[str, Any]) -> None:
+    import mlflow
+
+    if "draft" in res:
+        mlflow.set_tag("draft", res["draft"])
+        mlflow.log_artifact(str(Path(res["draft"]) / "draft.json"))

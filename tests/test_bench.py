@@ -1,0 +1,98 @@
+"""``scylla bench``: side-by-side measurement, exactness check, and the errors users get."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from scylla.bench import Bench, compare, encode_prompts, format_table, measure
+from scylla.cli import main
+from scylla.config import DecodeConfig
+from scylla.data.prompts import Prompt
+from scylla.decoding.result import DecodeResult, RowStats
+from scylla.errors import DataError
+from scylla.modeling import LlamaFamilyModel
+
+
+@pytest.fixture(scope="module")
+def tiny_bench():
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=0)).eval()
+    model = LlamaFamilyModel.from_hf(hf).eval()
+    target = SimpleNamespace(name="tiny", model=model, eos_token_ids=[2],
+                             tokenizer=SimpleNamespace(pad_token_id=0), device=model.device,
+                             dtype=model.dtype)
+    return Bench(target, hf_loader=lambda: hf)
+
+
+def test_hf_and_plain_agree_and_report_tau_one(tiny_bench):
+    g = torch.Generator().manual_seed(1)
+    ids = [[1] + torch.randint(3, 128, (n,), generator=g).tolist() for n in (5, 9, 3, 7)]
+    for batch in (1, 3):
+        cfg = DecodeConfig(max_new_tokens=12, decode_batch_size=batch)
+        reports = measure(tiny_bench, cfg, ["hf", "plain"], ids, ["a", "b", "a", "b"])
+        by = {r.method: r for r in reports}
+        assert by["hf"].exact_match and by["plain"].exact_match
+        assert by["hf"].new_tokens == by["plain"].new_tokens > 0
+        assert by["plain"].tau == 1.0 and by["hf"].tau == 1.0
+        assert set(by["plain"].per_category) == {"a", "b"}
+        assert by["plain"].speedup == pytest.approx(1.0)
+
+
+def test_mismatch_is_reported_with_its_logit_gap(tiny_bench):
+    ids = [[1, 5, 6, 7]]
+    ref = DecodeResult(tokens=[[10, 11, 12]], stats=[RowStats(new_tokens=3, target_forwards=3)])
+    got = DecodeResult(tokens=[[10, 99, 12]], stats=[RowStats(new_tokens=3, target_forwards=3)])
+    (row,) = compare("x", got, ref, ids, tiny_bench.hf())
+    assert row["position"] == 1 and row["method_token"] == 99 and row["reference_token"] == 11
+    assert row["logit_gap"] >= 0
+    assert compare("x", ref, ref, ids, tiny_bench.hf()) == []
+
+
+def test_table_shows_methods_and_categories(tiny_bench):
+    cfg = DecodeConfig(max_new_tokens=4)
+    reports = measure(tiny_bench, cfg, ["plain"], [[1, 4, 5], [1, 6]], ["qa", "rag"])
+    from dataclasses import asdict
+
+    text = format_table({"machine": "m", "target": "tiny", "dtype": "float32", "device": "cpu",
+                         "num_prompts": 2, "config": asdict(cfg),
+                         "methods": [asdict(r) for r in reports]})
+    assert "plain" in text and "qa" in text and "rag" in text and "yes" in text
+
+
+@pytest.mark.real
+def test_prompt_longer_than_the_context_is_refused():
+    from scylla.targets import load_tokenizer
+
+    tok = load_tokenizer("smollm2-135m-instruct")
+    long = Prompt(id="long", category="x", turns=["word " * 9000])
+    with pytest.raises(DataError, match="prompt 'long' has .* context window of 8192"):
+        encode_prompts(tok, [long], 8192, 64)
+
+
+@pytest.mark.parametrize("content,message", [
+    ("", "empty"),
+    ('{"prompt": "hi"}\n{"prompt": \n', ":2"),
+])
+def test_bad_prompt_files_fail_with_the_file_named(tmp_path, capsys, content, message):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(content)
+    assert main(["bench", "--prompts", str(path), "--no-mlflow"]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and message in err and "Traceback" not in err
+
+
+def test_unknown_method_and_target_are_named(capsys, tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    assert main(["bench", "--prompts", str(path), "--methods", "plain,warp", "--no-mlflow"]) == 2
+    assert "unknown method 'warp'" in capsys.readouterr().err
+    assert main(["bench", "--prompts", str(path), "--num-prompts", "1", "--target",
+                 "no-such-model", "--no-mlflow"]) == 2
+    assert "unknown target 'no-such-model'" in capsys.readouterr().err

@@ -1,0 +1,274 @@
+"""Our forward against HF transformers, and the cache operations speculative decoding needs."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from scylla.errors import TargetError
+from scylla.modeling import LlamaFamilyModel, ModelConfig
+
+ATOL = 1e-4
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            # a larger init than HF's 0.02 so logits spread over several units and a wrong
+            # rotation or mask shows far above the tolerance
+            initializer_range=0.15)
+ROPES = {
+    "default": None,
+    "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+    "dynamic": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+    "llama3": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16},
+    "yarn": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+             "original_max_position_embeddings": 32},
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; on a loaded 2-core machine two threads spend
+    milliseconds per tiny matmul waiting for each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_hf(kind: str = "llama", rope: str = "default", seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    kwargs = {**TINY, **overrides}
+    if ROPES[rope] is not None:
+        kwargs["rope_parameters"] = dict(ROPES[rope])
+    if kind == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=False, **kwargs)).eval()
+    return LlamaForCausalLM(LlamaConfig(**kwargs)).eval()
+
+
+def ours_of(hf) -> LlamaFamilyModel:
+    return LlamaFamilyModel.from_hf(hf)
+
+
+CASES = [("llama", r) for r in ROPES] + [("qwen2", "default"), ("qwen2", "yarn")]
+
+
+@pytest.mark.parametrize("kind,rope", CASES)
+@torch.inference_mode()
+def test_logits_and_hidden_states_equal_hf(kind, rope):
+    hf = tiny_hf(kind, rope)
+    model = ours_of(hf)
+    assert model.config.rope_scaling is None or model.config.rope_scaling["rope_type"] == rope
+    ids = torch.randint(0, 256, (2, 40))
+    ref = hf(ids, output_hidden_states=True)
+    out = model(ids, hidden_layers=(0, 1, 2))
+    assert ref.logits.std() > 0.5  # the check below is meaningful
+    torch.testing.assert_close(out.logits, ref.logits, atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.hidden[0], ref.hidden_states[0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.hidden[1], ref.hidden_states[1], atol=ATOL, rtol=0)
+    # HF's last hidden state is after the final norm; ours keeps that in last_hidden
+    torch.testing.assert_close(out.last_hidden, ref.hidden_states[2], atol=ATOL, rtol=0)
+    assert not torch.allclose(out.hidden[2], out.last_hidden)
+
+
+@pytest.mark.parametrize("kind,rope", [("llama", "llama3"), ("qwen2", "default")])
+@torch.inference_mode()
+def test_cached_chunks_equal_hf(kind, rope):
+    hf = tiny_hf(kind, rope)
+    model = ours_of(hf)
+    ids = torch.randint(0, 256, (3, 30))
+    ref = hf(ids).logits
+    cache = model.new_cache(3, 64)
+    chunks = [model(ids[:, a:b], cache=cache).logits for a, b in [(0, 17), (17, 18), (18, 30)]]
+    torch.testing.assert_close(torch.cat(chunks, 1), ref, atol=ATOL, rtol=0)
+    assert cache.lengths.tolist() == [30, 30, 30] and cache.max_length == 30
+
+
+@torch.inference_mode()
+def test_gqa_one_group_and_mha_equal_hf():
+    for kv_heads in (1, 4):
+        hf = tiny_hf(num_key_value_heads=kv_heads)
+        ids = torch.randint(0, 256, (1, 12))
+        torch.testing.assert_close(ours_of(hf)(ids).logits, hf(ids).logits, atol=ATOL, rtol=0)
+
+
+def random_tree(n: int, gen: torch.Generator) -> list[int]:
+    """parent[i] < i (or -1 for children of the cached prefix)."""
+    return [-1] + [int(torch.randint(0, i, (1,), generator=gen)) for i in range(1, n)]
+
+
+def tree_paths(parent: list[int]) -> list[list[int]]:
+    leaves = set(range(len(parent))) - set(parent)
+    paths = []
+    for leaf in sorted(leaves):
+        path, node = [], leaf
+        while node != -1:
+            path.append(node)
+            node = parent[node]
+        paths.append(path[::-1])
+    return paths
+
+
+def tree_mask_of(parent: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    n = len(parent)
+    mask, depth = torch.zeros(n, n, dtype=torch.bool), torch.zeros(n, dtype=torch.long)
+    for i in range(n):
+        node = i
+        while node != -1:
+            mask[i, node] = True
+            node = parent[node]
+        depth[i] = int(mask[i].sum()) - 1
+    return mask, depth
+
+
+@torch.inference_mode()
+def test_tree_append_equals_each_path_alone():
+    gen = torch.Generator().manual_seed(1)
+    model = ours_of(tiny_hf("qwen2", "default"))
+    prompts = torch.randint(0, 256, (2, 9), generator=gen)
+    prefix_lens = torch.tensor([9, 6])  # rows of different lengths in one batch
+    n = 10
+    parents = [random_tree(n, gen) for _ in range(2)]
+    masks, depths = zip(*(tree_mask_of(p) for p in parents))
+    tokens = torch.randint(0, 256, (2, n), generator=gen)
+    cache = model.new_cache(2, 64)
+    model(prompts, cache=cache)
+    cache.set_lengths(prefix_lens)
+    out = model(tokens, cache=cache, position_ids=prefix_lens[:, None] + torch.stack(depths),
+                tree_mask=torch.stack(masks)).logits  # (2, n, V)
+    assert cache.lengths.tolist() == [9 + n, 6 + n]
+    for b in range(2):
+        for path in tree_paths(parents[b]):
+            seq = torch.cat([prompts[b, : prefix_lens[b]], tokens[b, path]])[None]
+            alone = model(seq).logits[0, prefix_lens[b]:]
+            torch.testing.assert_close(out[b, path], alone, atol=ATOL, rtol=0)
+
+
+@torch.inference_mode()
+def test_keep_equals_recompute_from_scratch():
+    gen = torch.Generator().manual_seed(2)
+    model = ours_of(tiny_hf("llama", "linear"))
+    prompts = torch.randint(0, 256, (3, 8), generator=gen)
+    prefix_lens = torch.tensor([8, 5, 7])
+    n = 9
+    parents = [random_tree(n, gen) for _ in range(3)]
+    masks, depths = zip(*(tree_mask_of(p) for p in parents))
+    tokens = torch.randint(0, 256, (3, n), generator=gen)
+    cache = model.new_cache(3, 64)
+    model(prompts, cache=cache)
+    cache.set_lengths(prefix_lens)
+    model(tokens, cache=cache, position_ids=prefix_lens[:, None] + torch.stack(depths),
+          tree_mask=torch.stack(masks))
+    # row 0 keeps its longest path, row 1 nothing, row 2 a path of one node
+    kept = [max(tree_paths(parents[0]), key=len), [], tree_paths(parents[2])[0][:1]]
+    width = max(len(k) for k in kept)
+    keep_idx = torch.tensor([k + [0] * (width - len(k)) for k in kept])
+    cache.keep(prefix_lens, keep_idx, torch.tensor([len(k) for k in kept]))
+    assert cache.lengths.tolist() == [8 + len(kept[0]), 5, 8]
+    nxt = torch.randint(0, 256, (3, 2), generator=gen)
+    out = model(nxt, cache=cache).logits
+    for b in range(3):
+        seq = torch.cat([prompts[b, : prefix_lens[b]], tokens[b, kept[b]], nxt[b]])[None]
+        torch.testing.assert_close(out[b], model(seq).logits[0, -2:], atol=ATOL, rtol=0)
+
+
+@torch.inference_mode()
+def test_per_row_lengths_equal_each_row_alone_and_select():
+    gen = torch.Generator().manual_seed(3)
+    model = ours_of(tiny_hf("llama", "default"))
+    lens = [11, 4, 7]
+    prompts = torch.randint(0, 256, (3, 11), generator=gen)
+    steps = torch.randint(0, 256, (3, 4), generator=gen)
+    cache = model.new_cache(3, 32)
+    model(prompts, cache=cache)
+    cache.set_lengths(lens)
+    assert not cache.uniform and cache.max_length == 11
+    batched = torch.cat([model(steps[:, t: t + 1], cache=cache).logits for t in range(4)], 1)
+    for b, n in enumerate(lens):
+        alone = model(torch.cat([prompts[b, :n], steps[b]])[None]).logits[0, n:]
+        torch.testing.assert_close(batched[b], alone, atol=ATOL, rtol=0)
+    # dropping a row keeps the others' entries
+    sub = cache.select([2, 0])
+    assert sub.lengths.tolist() == [lens[2] + 4, lens[0] + 4] and sub.batch_size == 2
+    extra = torch.randint(0, 256, (2, 1), generator=gen)
+    got = model(extra, cache=sub).logits[:, 0]
+    for r, b in enumerate([2, 0]):
+        seq = torch.cat([prompts[b, : lens[b]], steps[b], extra[r]])[None]
+        torch.testing.assert_close(got[r], model(seq).logits[0, -1], atol=ATOL, rtol=0)
+
+
+@torch.inference_mode()
+def test_bf16_forward_is_sane():
+    hf = tiny_hf("llama", "llama3")
+    model = ours_of(hf).to(torch.bfloat16)
+    ids = torch.randint(0, 256, (2, 24))
+    cache = model.new_cache(2, 32)
+    out = model(ids, cache=cache).logits.float()
+    ref = hf(ids).logits
+    assert torch.isfinite(out).all()
+    assert (out - ref).abs().max() < 0.25  # bf16 carries ~3 significant digits
+    assert model.rotary._inv_freq[torch.device("cpu")].dtype == torch.float32
+
+
+def test_errors_name_the_problem():
+    cfg = LlamaConfig(**TINY)
+    cfg.model_type = "mistral"
+    with pytest.raises(TargetError, match="model_type='mistral'"):
+        ModelConfig.from_hf(cfg)
+    bad = tiny_hf("llama", "default")
+    bad.config.rope_parameters = {"rope_type": "longrope", "rope_theta": 1e4}
+    with pytest.raises(TargetError, match="longrope"):
+        LlamaFamilyModel.from_hf(bad)
+    model = ours_of(tiny_hf())
+    cache = model.new_cache(1, 4)
+    with pytest.raises(ValueError, match="max_len=4"):
+        model(torch.zeros(1, 5, dtype=torch.long), cache=cache)
+
+
+@pytest.mark.real
+@torch.inference_mode()
+def test_real_smollm2_equals_hf():
+    from scylla.targets import load_hf_model, load_tokenizer
+
+    hf = load_hf_model("smollm2-135m-instruct")
+    tok = load_tokenizer("smollm2-135m-instruct")
+    model = LlamaFamilyModel.from_hf(hf)
+    assert model.config.eos_token_ids == [2] and model.config.tie_word_embeddings
+    msgs = [{"role": "user", "content": "Explain speculative decoding in two sentences."}]
+    ids = torch.tensor([tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
+                                                return_dict=False)])
+    ref = hf(ids).logits
+    cache = model.new_cache(1, ids.shape[1] + 4)
+    prefill = model(ids[:, :-3], cache=cache).logits
+    steps = [model(ids[:, t: t + 1], cache=cache).logits
+             for t in range(ids.shape[1] - 3, ids.shape[1])]
+    torch.testing.assert_close(torch.cat([prefill, *steps], 1), ref, atol=ATOL, rtol=0)
+
+
+def test_linear_transposed_copy_tracks_weight_and_autograd():
+    from scylla.modeling import Linear
+
+    torch.manual_seed(0)
+    lin = Linear(8, 6)
+    x = torch.randn(1, 1, 8)
+    with torch.inference_mode():
+        y0 = lin(x)  # few rows: the transposed-copy path
+    torch.testing.assert_close(y0, torch.nn.functional.linear(x, lin.weight, lin.bias))
+    with torch.no_grad():
+        lin.weight.mul_(2.0)  # an in-place update (an optimiser step) must not read a stale copy
+    with torch.inference_mode():
+        torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+    # autograd through a frozen layer (a draft trained through the target's LM head)
+    lin.requires_grad_(False)
+    xg = torch.randn(1, 1, 8, requires_grad=True)
+    lin(xg).sum().backward()
+    torch.testing.assert_close(xg.grad[0, 0], lin.weight.sum(0))
+
+
+def test_model_built_under_inference_mode_trains_drafts():
+    with torch.inference_mode():
+        model = ours_of(tiny_hf())
+    model.requires_grad_(False)
+    h = torch.randn(1, 3, 64, requires_grad=True)
+    model.lm_head(model.norm(h)).logsumexp(-1).sum().backward()
+    assert h.grad is not None and torch.isfinite(h.grad).all()

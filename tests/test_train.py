@@ -1,0 +1,212 @@
+"""Draft training: the plan, learning, MLflow logging, exact resume, eagle3, pruned vocab,
+online mode."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import mlflow
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from drafts_fixtures import one_thread  # noqa: F401  (autouse)
+from drafts_fixtures import header, synthetic_examples, tiny_target
+from scylla.config import DraftConfig, TrainConfig
+from scylla.data.hidden_states import build_shards
+from scylla.drafts import load_draft
+from scylla.drafts.data import (PlanSampler, collate, make_plan, online_features,
+                                shard_source, tokenized_source)
+from scylla.drafts.objective import chain_counts, objective
+from scylla.drafts.train import check_shards, new_draft, train_draft
+from scylla.drafts.unroll import unroll
+from scylla.errors import ConfigError, DataError
+from scylla.tracking import stage_run
+
+TRAIN, VAL = 4000, 800
+LAYERS = (2, 3, 4)
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_target()
+
+
+@pytest.fixture(scope="module")
+def shards(target, tmp_path_factory):
+    """Train and val shards (fp32, with EAGLE-3's layers) of the synthetic corpus."""
+    root = tmp_path_factory.mktemp("shards")
+    build_shards(target.model, iter(synthetic_examples(120)), root / "train",
+                 header(target, LAYERS), TRAIN, layers=LAYERS, hidden_dtype="float32",
+                 tokens_per_shard=1000, progress=False)
+    build_shards(target.model, iter(synthetic_examples(20, seed=1)), root / "val",
+                 header(target, LAYERS, "val"), VAL, layers=LAYERS, hidden_dtype="float32",
+                 tokens_per_shard=1000, store_argmax=True, progress=False)
+    return root
+
+
+def sources(root, train=TRAIN, val=VAL):
+    return (shard_source(str(root / "train"), train, "train_tokens"),
+            shard_source(str(root / "val"), val, "val_tokens"))
+
+
+def config(**kw):
+    base = dict(train_tokens=TRAIN, train_batch_size=4, val_tokens=VAL, checkpoint_every=4,
+                lr=1e-2, warmup_steps=2, val_chain_len=3)
+    return TrainConfig(**{**base, **kw})
+
+
+def weights(out):
+    return load_file(str(out / "draft" / "draft.safetensors"))
+
+
+# ---- the plan
+
+
+def test_plan_is_nested_deterministic_and_staged():
+    lengths = [10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
+    plan = make_plan(lengths, 100, 2, 1, 0)
+    seqs = sorted(i.seq for b in plan.batches for i in b)
+    assert seqs == [0, 1, 2, 3]  # the shortest prefix reaching 100 tokens
+    assert plan.batches[-1][-1].tokens_seen == 100
+    assert make_plan(lengths, 100, 2, 1, 0).digest == plan.digest
+    assert make_plan(lengths, 100, 2, 1, 1).digest != plan.digest
+    staged = make_plan(lengths, 60, 2, 2, 0, pretrain_tokens=300)
+    full = [b[0].full_mask for b in staged.batches]
+    # pretraining: 8 sequences reach 300 tokens (4 batches per epoch); SFT: 3 reach 60
+    assert full == [True] * 8 + [False] * 4
+    pre = sorted(i.seq for b in staged.batches if b[0].full_mask for i in b)
+    assert pre == sorted(list(range(8)) * 2)  # two epochs, each over the whole prefix
+    sft = [i.seq for b in staged.batches if not b[0].full_mask for i in b]
+    assert sorted(sft) == [0, 0, 1, 1, 2, 2]
+    tail = make_plan([1] * 9, 9, 4, 1, 0).batches
+    assert [len(b) for b in tail] == [4, 5]  # a tail under half a batch joins the one before
+    ts = [b[-1].tokens_seen for b in staged.batches]
+    assert ts == sorted(ts)
+
+
+def test_sampler_splits_batches_over_ranks_and_skips_done_steps():
+    plan = make_plan([5] * 20, 100, 4, 1, 0)
+    ranks = [list(PlanSampler(plan, r, 2)) for r in range(2)]
+    for b, (a, c) in enumerate(zip(*ranks)):
+        assert sorted(a + c) == sorted(plan.batches[b])
+    assert list(PlanSampler(plan, 0, 1, start=3)) == plan.batches[3:]
+
+
+# ---- training
+
+
+def test_training_learns_logs_to_mlflow_and_saves_a_loadable_draft(target, shards, tmp_path,
+                                                                   mlflow_store):
+    train, val = sources(shards)
+    with stage_run("train", {"train_tokens": TRAIN, "draft_n_layer": 1}) as run:
+        res = train_draft(target, DraftConfig(), config(), train, val, tmp_path,
+                          run_id=run.info.run_id, progress=False)
+    client = mlflow.MlflowClient()
+    data = client.get_run(run.info.run_id).data
+    assert data.params["draft_params"] == str(res["draft_params"])
+    for name in ("train/loss", "train/loss_hidden", "train/loss_logits", "train/acc",
+                 "train/tokens_seen", "val/top1_acc", "val/tau_chain", "val/alpha_at_3"):
+        assert name in data.metrics, name
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert len(losses) >= 5 and losses[-1] < 0.9 * losses[0]
+    seen = [m.value for m in client.get_metric_history(run.info.run_id, "train/tokens_seen")]
+    assert seen == sorted(seen) and seen[-1] >= TRAIN
+    assert 1.0 <= res["val/tau_chain"] <= 1.0 + 3
+    assert res["val/top1_acc"] == pytest.approx(res["val/alpha_at_1"])
+    draft = load_draft(res["draft"], target)
+    assert draft.draft_params == res["draft_params"] and draft.spec.extra["train"]["seed"] == 0
+    # the trained draft beats its own initialisation on held-out data
+    untrained = new_draft(target, DraftConfig(), config(), None)
+    batch = collate([val[i] for i in range(len(val))])
+    scores = []
+    for d in (untrained, draft):
+        with torch.no_grad():
+            hiddens = unroll(d, batch["input_ids"], batch["last_hidden"], 1)
+            obj = objective(d, hiddens, batch["last_hidden"], batch["loss_mask"], 1.0, 0.1, 0.8)
+            starts, chains = chain_counts(d, hiddens, batch["loss_mask"], batch["target_argmax"])
+        scores.append((float(obj.loss), chains[0] / starts))
+    assert scores[1][0] < 0.9 * scores[0][0] and scores[1][1] > 2 * scores[0][1]
+    assert scores[1][1] == pytest.approx(res["val/top1_acc"], abs=1e-6)
+
+
+def test_a_killed_training_resumes_to_the_same_weights(target, shards, tmp_path):
+    train, val = sources(shards)
+    cfg = config(feature_noise=0.2)
+    whole = train_draft(target, DraftConfig(), cfg, train, val, tmp_path / "whole",
+                        progress=False)
+    steps = whole["planned_steps"]
+    assert steps >= 20
+    killed = train_draft(target, DraftConfig(), cfg, train, val, tmp_path / "killed",
+                         progress=False, max_steps=12)
+    assert killed["steps"] == 12 and "draft" not in killed
+    resumed = train_draft(target, DraftConfig(), cfg, train, val, tmp_path / "killed",
+                          progress=False)
+    assert resumed["steps"] == steps
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "killed")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert resumed["val/tau_chain"] == whole["val/tau_chain"]
+    # a resumed run never continues on another data plan
+    with pytest.raises(ConfigError, match="another data plan"):
+        train_draft(target, DraftConfig(), config(seed=1), train, val, tmp_path / "killed",
+                    progress=False)
+
+
+def test_eagle3_trains_with_its_training_time_test(target, shards, tmp_path):
+    train, val = sources(shards)
+    res = train_draft(target, DraftConfig(kind="eagle3", feature_layers="2,3,4"), config(),
+                      train, val, tmp_path, progress=False)
+    assert "train/loss_step2" in res and "train/loss_hidden" not in res
+    draft = load_draft(res["draft"], target)
+    assert draft.feature_layers == (2, 3, 4) and draft.spec.extra["ttt_steps"] == 3
+    with pytest.raises(DataError, match=r"lacks target layers \[1\]"):
+        check_shards(train, target, config(), (1, 2), "shards")
+    with pytest.raises(DataError, match=r"shards lack target layers \[1\]"):
+        train_draft(target, DraftConfig(kind="eagle3"), config(), train, val, tmp_path / "x",
+                    progress=False)  # EAGLE-3's default layers for 4 layers: (2, 2, 1)
+
+
+def test_pruned_vocabulary_trains_and_keeps_eos(target, shards, tmp_path):
+    train, val = sources(shards)
+    res = train_draft(target, DraftConfig(draft_vocab_size=64), config(), train, val, tmp_path,
+                      progress=False)
+    draft = load_draft(res["draft"], target)
+    assert draft.d2t.shape == (64,) and 2 in draft.d2t.tolist()  # eos of the tiny target
+    assert 0 < res["val/top1_acc"] < 1
+    full = new_draft(target, DraftConfig(), config(), None)
+    assert res["draft_params"] == full.draft_params  # the frozen head is never a parameter
+
+
+def test_two_stages_pretrain_then_sft(target, shards, tmp_path):
+    train, val = sources(shards)
+    res = train_draft(target, DraftConfig(), config(train_tokens=1500, pretrain_tokens=3000),
+                      train, val, tmp_path, progress=False)
+    plan_steps = len(make_plan(train.lengths, 1500, 4, 1, 0, 3000).batches)
+    assert res["steps"] == plan_steps > len(make_plan(train.lengths, 1500, 4, 1, 0).batches)
+
+
+def test_online_mode_equals_training_on_fp32_shards(target, shards, tmp_path):
+    cfg = config(train_tokens=1500, val_tokens=400)
+    train, val = sources(shards, 1500, 400)
+    offline = train_draft(target, DraftConfig(), cfg, train, val, tmp_path / "off",
+                          progress=False)
+
+    def examples(src):
+        return [SimpleNamespace(input_ids=src.tokens(i)["input_ids"].numpy(),
+                                loss_mask=src.tokens(i)["loss_mask"].numpy())
+                for i in range(len(src))]
+
+    online = train_draft(target, DraftConfig(), cfg, tokenized_source(examples(train)),
+                         tokenized_source(examples(val)), tmp_path / "on",
+                         features=online_features(target.model, ()), progress=False)
+    a, b = weights(tmp_path / "off"), weights(tmp_path / "on")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-4, rtol=1e-3)
+    assert online["val/top1_acc"] == pytest.approx(offline["val/top1_acc"], abs=0.01)
+
+
+def test_budget_beyond_the_shards_says_how_to_build_them(shards):
+    with pytest.raises(DataError, match="extend it with `scylla hidden-states --train-tokens "
+                                        "99999`"):
+        shard_source(str(shards / "train"), 99999, "train_tokens")
