@@ -332,6 +332,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft", default=None, help="Draft checkpoint directory.")
     parser.add_argument("--json", default=None, help="Write the full report to this file.")
     parser.add_argument("--no-mlflow", action="store_true", help="Do not log to MLflow.")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0: torch's default, one per core). On a "
+                             "machine shared with other jobs, 1 thread measures far steadier.")
     parser.add_argument("--sweep-batch", default=None,
                         help="Comma-separated decode batch sizes, e.g. 1,2,4,8,16: report plain "
                              "and tree throughput per batch size for each --sweep-top-k.")
@@ -366,6 +369,10 @@ def run(args: argparse.Namespace) -> int:
 
     spec = dataclass_from_args(TargetSpec, args)
     cfg = dataclass_from_args(DecodeConfig, args)
+    if args.threads < 0:
+        raise ConfigError(f"--threads={args.threads}: must be >= 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     check_methods(methods)
     prompts = load_bench_prompts(args.prompts, args.num_prompts)

@@ -5,6 +5,19 @@ import pytest
 
 
 @pytest.fixture(autouse=True)
+def one_thread():
+    """Tests run tiny models, or the 135M target on a few tokens: one torch thread is fastest
+    there, and on a shared 2-core machine two threads spend most of a small matmul waiting
+    for each other (measured: 20x slower tiny-model tests)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
 def _isolated_tracking(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("SCYLLA_PROJECT_DIR", str(tmp_path))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import pytest
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -25,16 +24,6 @@ from scylla.drafts.model import draft_spec, instantiate
 from scylla.modeling import ForwardOutput, KVCache, LlamaFamilyModel
 
 BOS, EOS = 1, 2
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; two threads on a shared, loaded 2-core machine
-    spend milliseconds per tiny matmul waiting for each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_target(vocab: int = 96, seed: int = 0, hidden: int = 64, init: float = 0.3,

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -15,16 +14,6 @@ TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_la
             # larger than HF's 0.02: the greedy token then depends on the context strongly
             # enough for a draft to learn it from a few thousand tokens
             initializer_range=0.15)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the
-    thread pool's waits made these tests ~20x slower (measured: 0.7 s vs 19.8 s per run)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_hf(seed: int = 0, **overrides) -> LlamaForCausalLM:

@@ -1,7 +1,7 @@
 """Decoding as a Lightning test loop: same tokens as a direct call, metrics logged to MLflow."""
 from __future__ import annotations
 
-from decoding_fixtures import OracleDraft, one_thread, prompts_of, tiny_target  # noqa: F401
+from decoding_fixtures import OracleDraft, prompts_of, tiny_target
 from scylla import paths, tracking
 from scylla.config import DecodeConfig
 from scylla.decoding import METHODS

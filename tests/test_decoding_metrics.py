@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from decoding_fixtures import (OracleDraft, one_thread, prompts_of,  # noqa: F401
+from decoding_fixtures import (OracleDraft, prompts_of,
                                random_draft, tiny_target)
 from scylla.config import DecodeConfig
 from scylla.decoding import METHODS

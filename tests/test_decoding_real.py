@@ -11,7 +11,6 @@ import os
 import pytest
 import torch
 
-from decoding_fixtures import one_thread  # noqa: F401  (shared machine: see the fixture)
 from scylla.cli import main
 from scylla.config import DecodeConfig
 from scylla.decoding import METHODS

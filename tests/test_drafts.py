@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from drafts_fixtures import one_thread  # noqa: F401  (autouse)
 from drafts_fixtures import tiny_target
 from scylla.drafts import DraftModel, draft_spec, instantiate, load_draft, save_draft
 from scylla.drafts.objective import chain_counts, objective, tau_chain

@@ -26,16 +26,6 @@ ROPES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; on a loaded 2-core machine two threads spend
-    milliseconds per tiny matmul waiting for each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_hf(kind: str = "llama", rope: str = "default", seed: int = 0, **overrides):
     torch.manual_seed(seed)
     kwargs = {**TINY, **overrides}

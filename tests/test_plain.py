@@ -13,16 +13,6 @@ from scylla.modeling import LlamaFamilyModel
 V = 128
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; on a loaded 2-core machine two threads spend
-    milliseconds per tiny matmul waiting for each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(kind: str = "llama", seed: int = 0):
     torch.manual_seed(seed)
     # initializer_range 0.3: peaked next-token distributions, so greedy outputs vary by

@@ -16,7 +16,7 @@ import torch
 from scipy.stats import chi2
 
 import scylla.decoding.engine as engine
-from decoding_fixtures import BOS, OracleDraft, one_thread, random_draft, tiny_target  # noqa: F401
+from decoding_fixtures import BOS, OracleDraft, random_draft, tiny_target
 from scylla.config import DecodeConfig
 from scylla.decoding import METHODS, sampling
 from scylla.decoding.tree import Candidates, Tree

@@ -9,7 +9,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from drafts_fixtures import one_thread  # noqa: F401  (autouse)
 from drafts_fixtures import header, synthetic_examples, tiny_target
 from scylla.config import DraftConfig, TrainConfig
 from scylla.data.hidden_states import build_shards

@@ -14,7 +14,6 @@ import mlflow
 import pytest
 import torch
 
-from drafts_fixtures import one_thread  # noqa: F401  (autouse)
 from drafts_fixtures import tiny_hf
 from scylla.cli import main
 from scylla.data.shards import load_manifest
@@ -149,7 +148,7 @@ def test_a_build_killed_with_sigkill_resumes_to_the_same_shards(workspace, tmp_p
     assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
 
 
-@pytest.mark.slow  # 60-75 s on the shared 2-core machine (two extra Python processes)
+# ~33 s here (60-75 s while five other jobs loaded the 2 cores): two extra Python processes
 def test_ddp_two_processes_follow_the_single_process_loss_curve(workspace, tmp_path,
                                                               mlflow_store):
     shards = tmp_path / "shards"
@@ -174,7 +173,7 @@ def test_ddp_two_processes_follow_the_single_process_loss_curve(workspace, tmp_p
     assert ((ddp - single).abs() / single).max() < 0.1
 
 
-@pytest.mark.slow  # ~110 s here: a subprocess killed mid-training, then two trainings
+@pytest.mark.slow  # 17-110 s here: a subprocess killed mid-training, then two trainings
 def test_training_killed_with_sigkill_resumes_in_the_same_run(workspace, tmp_path,
                                                               mlflow_store):
     shards = tmp_path / "shards"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from decoding_fixtures import one_thread, tiny_target  # noqa: F401
+from decoding_fixtures import tiny_target
 from scylla.decoding.tree import ancestor_mask
 
 
