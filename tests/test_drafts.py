@@ -171,6 +171,9 @@ def test_save_load_round_trip_and_target_mismatch(target, tmp_path):
         load_draft(path, tiny_target(name="other"))
     with pytest.raises(DataError, match="no draft config"):
         load_draft(tmp_path, target)
+    # a `scylla train` output directory holds its draft in draft/
+    save_draft(draft, tmp_path / "run" / "draft")
+    assert torch.equal(load_draft(tmp_path / "run", target).fc.weight, draft.fc.weight)
 
 
 def test_pruned_vocab_keeps_the_most_frequent_tokens_and_eos():

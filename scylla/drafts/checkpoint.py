@@ -52,8 +52,11 @@ def read_spec(path: str | Path) -> DraftSpec:
 def load_draft(path: str | Path, target: Any) -> DraftModel:
     """The draft saved at ``path``, wired to ``target``'s frozen embedding and LM head.
 
+    ``path`` may also be a ``scylla train`` output directory (the draft is its ``draft/``).
     Raises DraftMismatchError when ``target`` is not the one the draft was trained for.
     """
+    if not (Path(path) / CONFIG).is_file() and (Path(path) / "draft" / CONFIG).is_file():
+        path = Path(path) / "draft"
     spec = read_spec(path)
     spec.check_target(target, where=f"draft {path}")
     weights = Path(path) / WEIGHTS
