@@ -15,7 +15,7 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -65,8 +65,10 @@ def logit_gap(model: Any, context: list[int]) -> tuple[float, int, int]:
     return float(top.values[0] - top.values[1]), int(top.indices[0]), int(top.indices[1])
 
 
-def compare(method: str, result: DecodeResult, reference: DecodeResult,
-            prompts: list[list[int]], model: Any) -> list[dict[str, Any]]:
+def compare(result: DecodeResult, reference: DecodeResult, prompts: list[list[int]],
+            hf_model: Callable[[], Any]) -> list[dict[str, Any]]:
+    """Mismatches against the reference; ``hf_model()`` is only called (and the HF model only
+    loaded) when there is a differing token whose logit gap to report."""
     out = []
     for i, (got, ref) in enumerate(zip(result.tokens, reference.tokens)):
         pos = first_difference(got, ref)
@@ -74,7 +76,7 @@ def compare(method: str, result: DecodeResult, reference: DecodeResult,
             continue
         row: dict[str, Any] = {"prompt": i, "position": pos}
         if pos < min(len(got), len(ref)):
-            gap, t1, t2 = logit_gap(model, prompts[i] + ref[:pos])
+            gap, t1, t2 = logit_gap(hf_model(), prompts[i] + ref[:pos])
             row.update(logit_gap=gap, reference_token=ref[pos], method_token=got[pos],
                        target_top2=[t1, t2])
         out.append(row)
@@ -165,7 +167,7 @@ def measure(bench: Bench, cfg: DecodeConfig, methods: list[str], ids: list[list[
     reports = []
     for m, r in results.items():
         tps = r.new_tokens / r.seconds["total"]
-        mism = compare(m, r, reference, ids, bench.hf()) if greedy else []
+        mism = compare(r, reference, ids, bench.hf) if greedy else []
         reports.append(MethodReport(
             method=m, tokens_per_s=tps, new_tokens=r.new_tokens,
             target_forwards=r.target_forwards, tau=r.tau, seconds=r.seconds["total"],

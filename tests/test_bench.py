@@ -49,10 +49,11 @@ def test_mismatch_is_reported_with_its_logit_gap(tiny_bench):
     ids = [[1, 5, 6, 7]]
     ref = DecodeResult(tokens=[[10, 11, 12]], stats=[RowStats(new_tokens=3, target_forwards=3)])
     got = DecodeResult(tokens=[[10, 99, 12]], stats=[RowStats(new_tokens=3, target_forwards=3)])
-    (row,) = compare("x", got, ref, ids, tiny_bench.hf())
+    (row,) = compare(got, ref, ids, tiny_bench.hf)
     assert row["position"] == 1 and row["method_token"] == 99 and row["reference_token"] == 11
     assert row["logit_gap"] >= 0
-    assert compare("x", ref, ref, ids, tiny_bench.hf()) == []
+    loaded = []
+    assert compare(ref, ref, ids, lambda: loaded.append(1)) == [] and not loaded
 
 
 def test_table_shows_methods_and_categories(tiny_bench):
