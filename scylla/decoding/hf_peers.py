@@ -14,11 +14,7 @@ import torch
 
 from scylla.config import DecodeConfig
 from scylla.decoding.result import DecodeResult, RowStats
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from scylla.decoding.timing import synchronize
 
 
 def _cut_at_eos(tokens: list[int], eos: set[int], limit: int) -> list[int]:
@@ -68,7 +64,7 @@ def hf_generate(hf_model: Any, tokenizer: Any, prompts: list[list[int]], cfg: De
     tokens: list[list[int]] = []
     stats: list[RowStats] = []
     counter = ForwardCounter(hf_model)
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     try:
         for lo in range(0, len(prompts), batch):
@@ -90,6 +86,6 @@ def hf_generate(hf_model: Any, tokenizer: Any, prompts: list[list[int]], cfg: De
                                       target_forwards=forwards if assisted_pld else len(new)))
     finally:
         counter.close()
-    _sync(device)
+    synchronize(device)
     total = time.perf_counter() - start
     return DecodeResult(tokens=tokens, stats=stats, seconds={"total": total})
