@@ -255,6 +255,40 @@ def test_linear_transposed_copy_tracks_weight_and_autograd():
     torch.testing.assert_close(xg.grad[0, 0], lin.weight.sum(0))
 
 
+@pytest.mark.parametrize("rows", [1, 2, 5, 16, 17])
+def test_lm_head_equals_linear_for_every_row_count(rows):
+    from scylla.modeling.layers import LMHead
+
+    torch.manual_seed(0)
+    head = LMHead(8, 300, bias=True)
+    x = torch.randn(rows, 1, 8)
+    with torch.inference_mode():
+        y = head(x)
+    assert y.shape == (rows, 1, 300)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, head.weight, head.bias))
+
+
+@torch.inference_mode()
+def test_cache_row_prefill_equals_batched_prefill():
+    gen = torch.Generator().manual_seed(4)
+    model = ours_of(tiny_hf("llama", "default"))
+    lens = [9, 3]
+    prompts = torch.randint(0, 256, (2, 9), generator=gen)
+    batched = model.new_cache(2, 16)
+    model(prompts, cache=batched)
+    batched.set_lengths(lens)
+    by_row = model.new_cache(2, 16)
+    for b, n in enumerate(lens):
+        row = by_row.row(b)
+        model(prompts[b:b + 1, :n], cache=row)
+        assert row.lengths.tolist() == [n]
+    assert by_row.lengths.tolist() == [0, 0]  # the parent's lengths are set by its owner
+    by_row.set_lengths(lens)
+    for b, n in enumerate(lens):
+        torch.testing.assert_close(by_row.k[:, b, :, :n], batched.k[:, b, :, :n], atol=ATOL, rtol=0)
+        torch.testing.assert_close(by_row.v[:, b, :, :n], batched.v[:, b, :, :n], atol=ATOL, rtol=0)
+
+
 def test_model_built_under_inference_mode_trains_drafts():
     with torch.inference_mode():
         model = ours_of(tiny_hf())

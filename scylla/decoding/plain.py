@@ -1,8 +1,7 @@
 """Plain autoregressive decoding on our forward: one target forward per new token (τ = 1).
 
-Prompts of different lengths share a batch through a right-padded prefill: each row's real
-tokens only attend to earlier real tokens (causal), its padding is written past its length and
-dropped by ``cache.set_lengths``. Then every step appends one token per row at that row's own
+Prompts of different lengths share a batch: ``scylla.decoding.prefill`` fills each row's cache
+with its own prompt, and every step appends one token per row at that row's own
 position. A row that hits EOS or ``max_new_tokens`` leaves the batch (its cache row is dropped),
 so finished rows cost nothing and no row's output depends on the others.
 """
@@ -12,6 +11,7 @@ from typing import Any
 
 import torch
 
+from scylla.decoding.prefill import prefill
 from scylla.decoding.result import DecodeResult, RowStats
 from scylla.decoding.sampling import sample
 from scylla.decoding.timing import Stopwatch
@@ -39,25 +39,16 @@ def _decode_batch(model: LlamaFamilyModel, prompts: list[list[int]], max_new_tok
                   generator: torch.Generator | None, clock: Stopwatch
                   ) -> tuple[list[list[int]], list[RowStats]]:
     device = model.device
-    lens = [len(p) for p in prompts]
-    width = max(lens)
-    pad = prompts[0][0]  # any valid id: padded positions are never attended by real tokens
-    ids = torch.tensor([p + [pad] * (width - len(p)) for p in prompts], device=device)
-    cache: KVCache = model.new_cache(len(prompts), width + max_new_tokens)
-
+    width = max(len(p) for p in prompts)
     with clock("verify"):
-        out = model(ids, cache=cache, compute_logits=False)  # (B, P, H)
-        last = out.last_hidden[torch.arange(len(prompts), device=device),
-                               torch.tensor(lens, device=device) - 1]  # (B, H)
-        logits = model.lm_head(last[:, None])[:, 0]  # (B, V): only each row's last position
-    if min(lens) != width:
-        cache.set_lengths(lens)
+        pre = prefill(model, prompts, width + max_new_tokens, (), temperature, top_p, generator)
+    cache: KVCache = pre.cache
 
     tokens: list[list[int]] = [[] for _ in prompts]
     stats = [RowStats() for _ in prompts]
     active = list(range(len(prompts)))  # original row of each cache row
+    nxt = pre.first  # (B_active,)
     while True:
-        nxt = sample(logits, temperature, top_p, generator)  # (B_active,)
         still = []
         for r, tok in enumerate(nxt.tolist()):
             row = active[r]
@@ -76,6 +67,7 @@ def _decode_batch(model: LlamaFamilyModel, prompts: list[list[int]], max_new_tok
             active = [active[r] for r in still]
         with clock("verify"):
             logits = model(nxt[:, None], cache=cache).logits[:, -1]  # (B_active, V)
+        nxt = sample(logits, temperature, top_p, generator)
     return tokens, stats
 
 

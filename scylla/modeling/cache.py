@@ -97,6 +97,16 @@ class KVCache:
         self.lengths.copy_(start + keep_count)
         self._refresh()
 
+    def row(self, b: int) -> "KVCache":
+        """Row b as a cache of batch size 1 that shares this cache's storage: appends to it
+        write into row b here (this cache's ``lengths`` stay as they were; set them after)."""
+        out = KVCache.__new__(KVCache)
+        out.k, out.v = self.k[:, b:b + 1], self.v[:, b:b + 1]
+        out.lengths = self.lengths[b:b + 1].clone()
+        out.max_len = self.max_len
+        out._refresh()
+        return out
+
     def select(self, rows: torch.Tensor | list[int]) -> "KVCache":
         """A new cache holding only ``rows`` (e.g. to drop finished rows from a batch)."""
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.device)

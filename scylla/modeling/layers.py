@@ -42,6 +42,25 @@ class Linear(nn.Linear):
         return F.linear(x, w, self.bias)
 
 
+class LMHead(Linear):
+    """The vocabulary projection (V, H): for 2 to 16 rows on CPU it multiplies weight @ x.T and
+    returns the transposed view, which streams the large (V, H) weight once at full speed:
+    4-8 rows cost 5-7 ms instead of 17-20 ms for SmolLM2's 49k x 576 head with 2 threads
+    (measured; at one row Linear's transposed copy is faster, past 16 rows the kernels meet)."""
+
+    WIDE_MAX_ROWS = 16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        w = self.weight
+        if (1 < rows <= self.WIDE_MAX_ROWS and w.is_cpu
+                and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):
+            y = (w @ x.reshape(rows, self.in_features).t()).t()  # (rows, V) view
+            y = y if self.bias is None else y + self.bias
+            return y.reshape(*x.shape[:-1], self.out_features)
+        return super().forward(x)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()

@@ -11,7 +11,7 @@ from scylla.errors import TargetError
 from scylla.modeling.attention import attention_step
 from scylla.modeling.cache import KVCache
 from scylla.modeling.config import ModelConfig
-from scylla.modeling.layers import DecoderLayer, Linear, RMSNorm
+from scylla.modeling.layers import DecoderLayer, LMHead, RMSNorm
 from scylla.modeling.rope import RotaryEmbedding
 
 
@@ -32,7 +32,7 @@ class LlamaFamilyModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i)
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(config)
