@@ -209,3 +209,5 @@ def test_budget_beyond_the_shards_says_how_to_build_them(shards):
     with pytest.raises(DataError, match="extend it with `scylla hidden-states --train-tokens "
                                         "99999`"):
         shard_source(str(shards / "train"), 99999, "train_tokens")
+    with pytest.raises(DataError, match="hidden-states --val-tokens 99999`"):
+        shard_source(str(shards / "train"), 99999, "val_tokens")  # an incomplete build

@@ -222,7 +222,7 @@ def shard_source(directory: str, tokens: int, what: str) -> SequenceSource:
     if manifest.total_tokens < tokens and not manifest.complete:
         raise DataError(f"{directory} holds {manifest.total_tokens} tokens, fewer than "
                         f"{what}={tokens}; extend it with `scylla hidden-states "
-                        f"--train-tokens {tokens}` (it resumes where it stopped)")
+                        f"--{what.replace('_', '-')} {tokens}` (it resumes where it stopped)")
     n_seq, _ = budget_prefix(manifest, tokens)
     reader = ShardReader(directory, n_seq)
     return SequenceSource(reader.get, reader.lengths(),
