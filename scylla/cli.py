@@ -28,6 +28,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "hidden-states": ("scylla.data.hidden_states",
                       "Run the frozen target over the corpus and write hidden-state shards."),
     "train": ("scylla.drafts.train", "Train a draft (scylla or eagle3) on hidden-state shards."),
+    "export": ("scylla.drafts.export",
+               "Write a draft as an EAGLE / EAGLE-3 head for vLLM and SGLang (docs/export.md)."),
 }
 
 

@@ -110,9 +110,12 @@ class DraftConfig:
 class TrainConfig:
     train_tokens: int = doc("Data budget: the shortest prefix of the fixed shuffled order "
                             "reaching this many tokens (the data axis).", 1_000_000)
-    train_batch_size: int = doc("Sequences per optimiser step.", 8)
+    # Small budgets need optimiser steps more than large batches: on SmolLM2 + ShareGPT, a
+    # 1-layer draft on 60k tokens reached val top-1 10.4% with 2 sequences per step at lr 1e-3,
+    # 2.5% with 8 at 3e-4, 7.0% with 2 at 3e-3 (measured; 1 sequence per step: 10.8%).
+    train_batch_size: int = doc("Sequences per optimiser step.", 2)
     max_seq_len: int = doc("Sequences are cut to this many tokens.", 1024)
-    lr: float = doc("Peak learning rate (AdamW).", 3e-4)
+    lr: float = doc("Peak learning rate (AdamW).", 1e-3)
     # EAGLE-1/2: w_hidden=1, w_logits=0.1, uniform feature noise U(-0.1, 0.1)... see SCYLLA.md
     w_hidden: float = doc("Weight of SmoothL1 on the predicted feature.", 1.0)
     w_logits: float = doc("Weight of CE between draft and target distributions.", 0.1)

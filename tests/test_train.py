@@ -146,7 +146,12 @@ def test_a_killed_training_resumes_to_the_same_weights(target, shards, tmp_path)
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert resumed["val/tau_chain"] == whole["val/tau_chain"]
-    # a resumed run never continues on another data plan
+    # a resumed run never continues with other parameters or on another data plan
+    for other in (config(seed=1), config(feature_noise=0.2, lr=cfg.lr / 2)):
+        with pytest.raises(ConfigError, match=r"other parameters \(.*train\.(lr|seed)"):
+            train_draft(target, DraftConfig(), other, train, val, tmp_path / "killed",
+                        progress=False)
+    (tmp_path / "killed" / "run_params.json").unlink()  # a checkpoint from before the record
     with pytest.raises(ConfigError, match="another data plan"):
         train_draft(target, DraftConfig(), config(seed=1), train, val, tmp_path / "killed",
                     progress=False)

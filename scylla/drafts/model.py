@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -133,6 +134,29 @@ class DraftModel(nn.Module):
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return draft_ids if self.d2t is None else self.d2t[draft_ids]
 
+    def save_pretrained(self, path: str | Path, extra: dict[str, Any] | None = None,
+                        metrics: dict[str, float] | None = None,
+                        bench: str | Path | dict[str, Any] | None = None) -> Path:
+        """``save_draft`` into ``path`` plus a model card ``README.md`` (training record from
+        ``spec.extra``, ``metrics`` such as ``val/tau_chain``, and the tau-per-category table of
+        a ``scylla bench --json`` report ``bench``)."""
+        from scylla.drafts.card import write_card
+        from scylla.drafts.checkpoint import save_draft
+
+        out = save_draft(self, path, extra)
+        write_card(out, dataclasses.replace(self.spec, extra={**self.spec.extra, **(extra or {})}),
+                   self.draft_params, metrics, bench)
+        return out
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, target: Any) -> "DraftModel":
+        """``load_draft(path, target)``; a directory written by ``scylla export`` (EAGLE /
+        EAGLE-3 layout) is read with ``scylla.drafts.export.import_export``."""
+        from scylla.drafts.checkpoint import load_draft
+        from scylla.drafts.export import import_export, is_export
+
+        return import_export(path, target) if is_export(path) else load_draft(path, target)
+
 
 class ScyllaDraft(DraftModel):
     """EAGLE-2-style draft with ``draft_n_layer`` layers, read out by the target's LM head."""
@@ -198,8 +222,10 @@ def draft_spec(kind: str, draft_n_layer: int, target: Any, draft_vocab_size: int
                      draft_vocab_size=draft_vocab_size, extra=dict(extra or {}))
 
 
-def instantiate(spec: DraftSpec, target: Any, d2t: torch.Tensor | None = None) -> DraftModel:
-    """A draft for ``spec`` wired to the frozen embedding / LM head of ``target``."""
+def instantiate(spec: DraftSpec, target: Any, d2t: torch.Tensor | None = None,
+                cls: type[DraftModel] | None = None) -> DraftModel:
+    """A draft for ``spec`` wired to the frozen embedding / LM head of ``target``; ``cls``
+    overrides the class of ``spec.kind`` (the served layouts of ``scylla.drafts.served``)."""
     spec.check_target(target)
     model = target.model
     if spec.draft_vocab_size:
@@ -211,5 +237,5 @@ def instantiate(spec: DraftSpec, target: Any, d2t: torch.Tensor | None = None) -
     else:
         d2t = None
         head = model.lm_head.weight.detach()  # (V, H) shared with the target
-    draft = KINDS[spec.kind](spec, model.embed_tokens.weight.detach(), head, d2t)
+    draft = (cls or KINDS[spec.kind])(spec, model.embed_tokens.weight.detach(), head, d2t)
     return draft.to(device=head.device)

@@ -158,6 +158,27 @@ def make_strategy(name: str) -> Any:
     return name
 
 
+RUN_PARAMS = "run_params.json"
+
+
+def claim_out_dir(out: Path, params: dict[str, Any]) -> None:
+    """Record what ``out`` trains; a later call with other params (which would resume a
+    different run's checkpoint) raises ConfigError naming the fields that differ."""
+    params = json.loads(json.dumps(params, default=str))
+    recorded = out / RUN_PARAMS
+    if recorded.is_file():
+        old = json.loads(recorded.read_text())
+        diff = sorted(k for k in old.keys() | params.keys() if old.get(k) != params.get(k))
+        if diff:
+            changes = ", ".join(f"{k}: {old.get(k)!r} -> {params.get(k)!r}" for k in diff[:6])
+            raise ConfigError(f"{out} holds a training with other parameters ({changes}); "
+                              "resuming it would mix two runs. Pass another --out or delete "
+                              "that directory.")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    recorded.write_text(json.dumps(params, indent=1, sort_keys=True))
+
+
 def train_draft(target: Any, draft_cfg: DraftConfig, cfg: TrainConfig, train: SequenceSource,
                 val: SequenceSource | None, out_dir: str | Path, *,
                 features: Callable[[dict, bool], dict] | None = None,
@@ -185,6 +206,9 @@ def train_draft(target: Any, draft_cfg: DraftConfig, cfg: TrainConfig, train: Se
                      cfg.seed, cfg.pretrain_tokens)
     if not plan.batches:
         raise DataError("the training budget holds no sequence")
+    claim_out_dir(out, {**{f"train.{k}": v for k, v in as_params(cfg).items()},
+                        **{f"draft.{k}": v for k, v in as_params(draft_cfg).items()},
+                        "plan": plan.digest, "target": TargetInfo.of(target).name})
     module = DraftTraining(draft, cfg, total_steps=len(plan.batches))
     datamodule = DraftDataModule(train, val, plan, cfg.train_batch_size, features)
     logger: Any = False
