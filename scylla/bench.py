@@ -198,9 +198,10 @@ def check_methods(methods: list[str]) -> None:
 
 
 def run_bench(spec: TargetSpec, cfg: DecodeConfig, methods: list[str], prompts: list[Any],
-              draft_path: str | None = None) -> dict[str, Any]:
+              draft_path: str | None = None, bench: Bench | None = None) -> dict[str, Any]:
+    """Measure ``methods`` on ``prompts``; ``bench`` reuses loaded models across calls."""
     check_methods(methods)
-    bench = Bench.load(spec, draft_path)
+    bench = bench or Bench.load(spec, draft_path)
     ids = encode_prompts(bench.target.tokenizer, prompts,
                          bench.target.model.config.max_position_embeddings, cfg.max_new_tokens)
     reports = measure(bench, cfg, methods, ids, [p.category for p in prompts])

@@ -29,13 +29,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from scylla.bench import format_table, load_bench_prompts, log_to_mlflow, run_bench
+    from scylla.bench import Bench, format_table, load_bench_prompts, log_to_mlflow, run_bench
 
     spec = TargetSpec()
     prompts = load_bench_prompts(None, args.num_prompts)
+    bench = Bench.load(spec, None)  # one load of both models for both batch sizes
     for batch in (1, 8):
         cfg = DecodeConfig(max_new_tokens=args.max_new_tokens, decode_batch_size=batch)
-        report = run_bench(spec, cfg, ["hf", "plain"], prompts)
+        report = run_bench(spec, cfg, ["hf", "plain"], prompts, bench=bench)
         log_to_mlflow(report, spec)
         print(format_table(report), end="\n\n")
     if not args.skip_sweeps:

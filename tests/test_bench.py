@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -15,6 +16,9 @@ from scylla.data.prompts import Prompt
 from scylla.decoding.result import DecodeResult, RowStats
 from scylla.errors import DataError
 from scylla.modeling import LlamaFamilyModel
+
+
+USER_DATA_DIR = os.environ.get("SCYLLA_DATA_DIR")  # read before fixtures isolate it
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +101,26 @@ def test_unknown_method_and_target_are_named(capsys, tmp_path):
     assert main(["bench", "--prompts", str(path), "--num-prompts", "1", "--target",
                  "no-such-model", "--no-mlflow"]) == 2
     assert "unknown target 'no-such-model'" in capsys.readouterr().err
+
+
+@pytest.mark.real
+def test_main_job_baseline_loads_the_models_once_and_logs_both_batch_sizes(
+        capsys, monkeypatch, mlflow_store):
+    import scylla.bench as bench_module
+    from scylla.analysis.runs import load_runs
+
+    # the real target's converted copy lives in the user's data dir, not the test's
+    if USER_DATA_DIR is None:
+        monkeypatch.delenv("SCYLLA_DATA_DIR")
+    else:
+        monkeypatch.setenv("SCYLLA_DATA_DIR", USER_DATA_DIR)
+    loads = []
+    real_load = bench_module.Bench.load
+    monkeypatch.setattr(bench_module.Bench, "load",
+                        classmethod(lambda cls, *a: loads.append(a) or real_load(*a)))
+    assert main(["main", "--skip-sweeps", "--num-prompts", "2", "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert len(loads) == 1
+    assert out.count("decode_batch_size: 1,") == 1 and out.count("decode_batch_size: 8,") == 1
+    runs = load_runs(stage="decode")
+    assert sorted(runs["decode_batch_size"].astype(int).tolist()) == [1, 1, 8, 8]
