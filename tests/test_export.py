@@ -264,7 +264,8 @@ def test_save_pretrained_round_trip_and_model_card(target, tmp_path):
     assert_same_function(draft, back, target)
     card = (tmp_path / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: scylla\n")
-    for text in ["`tiny`", "`scylla`", "| draft layers | 2 |", f"pruned to the {VOCAB} most",
+    for text in ["`tiny`", "`scylla`", "| draft layers | 2 |",
+                 f"pruned to {VOCAB} of the target's 256",
                  f"| trainable parameters | {draft.draft_params:,} |", "| `train_tokens` | 4096 |",
                  "| `ttt_steps` | 2 |", "| `val/tau_chain` | 1.875 |",
                  "| category | `plain` | `tree` |", "| coding | 1.00 | 2.50 |",

@@ -72,9 +72,8 @@ def _about(spec: DraftSpec, draft_params: int) -> list[str]:
     t = spec.target
     feature = (f"target hidden states {list(spec.feature_layers)} (HF hidden_states indices)"
                if spec.feature_layers else "the target's last hidden state (after its norm)")
-    vocab = (f"pruned to the {spec.draft_vocab_size} most frequent training tokens of "
-             f"{t.vocab_size}" if spec.draft_vocab_size
-             else f"the target's full vocabulary ({t.vocab_size})")
+    vocab = (f"pruned to {spec.draft_vocab_size} of the target's {t.vocab_size} tokens"
+             if spec.draft_vocab_size else f"the target's full vocabulary ({t.vocab_size})")
     return _table(["", ""], [
         ["target", f"`{t.name}` (hidden {t.hidden_size}, {t.num_hidden_layers} layers)"],
         ["draft kind", f"`{spec.kind}`"], ["draft layers", str(spec.draft_n_layer)],
@@ -83,8 +82,9 @@ def _about(spec: DraftSpec, draft_params: int) -> list[str]:
 
 
 def _training(spec: DraftSpec, metrics: dict[str, float]) -> list[str]:
-    train = {**spec.extra.get("train", {}), **{k: spec.extra[k] for k in ("ttt_steps",)
-                                                if k in spec.extra}}
+    train = dict(spec.extra.get("train", {}))
+    if "ttt_steps" in spec.extra:  # the resolved value (TrainConfig's 0 means the kind's default)
+        train["ttt_steps"] = spec.extra["ttt_steps"]
     lines = ["## Training", ""]
     if not train:
         lines.append("The checkpoint records no training configuration.")
@@ -111,7 +111,8 @@ def _tau_table(bench: dict[str, Any]) -> list[str]:
 
 def _serving(spec: DraftSpec, export: dict[str, Any]) -> list[str]:
     vllm, sglang = ALGORITHMS[export["format"]]
-    target = spec.target.name if "/" in spec.target.name else f"<HF id of {spec.target.name}>"
+    name = spec.target.name
+    target = name if "/" in name else f"<HF checkpoint dir of target {name}>"
     token_map = (f" \\\n    --speculative-token-map <this directory>/{export['token_map']}"
                  if export.get("token_map") else "")
     lines = ["## Serving", "",
@@ -120,7 +121,11 @@ def _serving(spec: DraftSpec, export: dict[str, Any]) -> list[str]:
         lines.append("Its first layer is an all-zero pass-through (EAGLE's first layer has no "
                      "input norm, this draft's has), so engines run one layer more than the "
                      "draft has.")
-    lines += ["Not run here (no GPU); see docs/export.md of scylla for the caveats.", "",
+    if export["format"] == "eagle":
+        lines.append("SGLang runs it exactly; vLLM's EAGLE head has no fc bias (it ignores "
+                     "`fc.bias`) and no pruned vocabulary (it drafts over the full one).")
+    lines += ["scylla's tests do not run these engines (CPU only); its docs/export.md lists "
+              "the caveats.", "",
               "```sh", f"vllm serve {target} --speculative-config \\",
               f"    '{{\"method\": \"{vllm}\", \"model\": \"<this directory>\", "
               "\"num_speculative_tokens\": 5}'",

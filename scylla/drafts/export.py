@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -78,6 +79,7 @@ def split_fused(state: dict[str, torch.Tensor], c: ModelConfig) -> dict[str, tor
         if fused is None:
             out[name] = tensor
             continue
+        # rows (out features) of (Hq*D + 2*Hkv*D, in) -> q, k, v; of (2I, in) -> gate, up
         for part, piece in zip(FUSED[fused], tensor.split(sizes[fused])):
             out[name.replace(fused, part)] = piece
     return out
@@ -119,7 +121,7 @@ def pass_through(c: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     gates add exactly 0, so the layer passes its input on bit for bit."""
     h, inter = c.hidden_size, c.intermediate_size
     rows = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
-    zeros = lambda *shape: torch.zeros(shape, dtype=dtype)  # noqa: E731
+    zeros = functools.partial(torch.zeros, dtype=dtype)
     return {"layers.0.self_attn.qkv_proj.weight": zeros(rows, h),
             "layers.0.self_attn.o_proj.weight": zeros(h, c.num_attention_heads * c.head_dim),
             "layers.0.mlp.gate_up_proj.weight": zeros(2 * inter, h),
@@ -159,8 +161,8 @@ def eagle3_tensors(spec: DraftSpec, state: dict[str, torch.Tensor]
            for k, v in state.items() if k != "d2t"}
     d2t = state.get("d2t")
     if d2t is not None:
-        out["d2t"] = d2t - torch.arange(d2t.numel(), device=d2t.device)
-        t2d = torch.zeros(spec.target.vocab_size, dtype=torch.bool, device=d2t.device)
+        out["d2t"] = d2t - torch.arange(d2t.numel(), device=d2t.device)  # (Vd,)
+        t2d = torch.zeros(spec.target.vocab_size, dtype=torch.bool, device=d2t.device)  # (V,)
         t2d[d2t] = True
         out["t2d"] = t2d
     return split_fused(out, spec.layer_config), 1
@@ -310,8 +312,8 @@ def our_state(tensors: dict[str, torch.Tensor], fmt: str, target: Any, hidden: i
     check_shared(tensors, "embed_tokens.weight", target.model.embed_tokens.weight, file)
     if fmt == "eagle":
         check_shared(tensors, "lm_head.weight", target.model.lm_head.weight, file)
-        # vLLM's layout has no fc bias: zero is what it computes
-        tensors.setdefault("fc.bias", torch.zeros(hidden, dtype=tensors["fc.weight"].dtype))
+        if "fc.weight" in tensors:  # vLLM's layout has no fc bias: zero is what it computes
+            tensors.setdefault("fc.bias", torch.zeros(hidden, dtype=tensors["fc.weight"].dtype))
     else:
         # vLLM also reads layers.0. for midlayer.
         tensors = {("layers.0." + k.removeprefix("midlayer.") if k.startswith("midlayer.")
