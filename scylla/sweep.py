@@ -5,22 +5,25 @@ then the fits. Every call goes through ``scylla.reuse.execute``: a call with a c
 attempt for the same params and code is reused, so a sweep killed at any point and started
 again runs only what is missing. A kill by SIGTERM/Ctrl-C marks the running attempt KILLED
 at once; a SIGKILL leaves it RUNNING until the next start finds its owner gone.
+With ``--backend``, the calls run as MLflow project runs elsewhere (``scylla.sweep_dispatch``).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from scylla import tracking
 from scylla.errors import ConfigError
-from scylla.reuse import TAG, StageCall, execute
+from scylla.reuse import TAG, Outcome, StageCall, execute
 from scylla.sweep_spec import (FIT_KEYS, STAGE_ORDER, SweepSpec, experiment_name,
                                load_sweep, sweep_paths)
+from scylla.sweep_dispatch import BACKENDS, Backend, dispatch
 from scylla.sweep_stages import invoke_stage, parse_stage_args, stage_args
 
 
@@ -59,7 +62,10 @@ def _check_flags(spec: SweepSpec, profile: str) -> None:
 
 def run_sweep(spec: SweepSpec, profile: str, *, simulate: bool = False,
               takeover: bool = False, parent_run_id: str | None = None,
+              backend: Backend | None = None,
               log: Callable[[str], None] = print) -> SweepResult:
+    """Run a profile; ``backend``: dispatch hidden_states/train/decode calls as MLflow
+    project runs (``scylla.sweep_dispatch``) instead of running them in this process."""
     prof = spec.profile(profile)
     experiment = experiment_name(spec.name, profile, simulate)
     result = SweepResult(spec.name, profile, experiment)
@@ -70,19 +76,24 @@ def run_sweep(spec: SweepSpec, profile: str, *, simulate: bool = False,
         plan = prof.stages.get(stage)
         if plan is None:
             continue
+        points = [(point, StageCall(stage, point.params, experiment, labels=point.labels,
+                                    upstream=up, simulated=simulate))
+                  for up in upstream for point in plan.points()]
+        calls = [call for _, call in points]
+        if backend is None:
+            outcomes: Iterable[Outcome] = (execute(call, invoke_stage, takeover=takeover,
+                                                   parent_run_id=parent_run_id)
+                                           for call in calls)
+        else:  # the calls of one stage run on the backend, maybe side by side
+            outcomes = dispatch(calls, backend, takeover=takeover)
         produced = []
-        for up in upstream:
-            for point in plan.points():
-                call = StageCall(stage, point.params, experiment, labels=point.labels,
-                                 upstream=up, simulated=simulate)
-                out = execute(call, invoke_stage, takeover=takeover,
-                              parent_run_id=parent_run_id)
-                result.new += not out.reused
-                result.reused += out.reused
-                log(f"[{spec.name}/{profile}] {stage} {point.describe()}: "
-                    + ("reused " if out.reused else f"ran in {out.seconds:.1f} s, ")
-                    + f"run {out.runs[0].info.run_id}")
-                produced.append(out.runs[0])
+        for (point, _), out in zip(points, outcomes):
+            result.new += not out.reused
+            result.reused += out.reused
+            log(f"[{spec.name}/{profile}] {stage} {point.describe()}: "
+                + ("reused " if out.reused else f"ran in {out.seconds:.1f} s, ")
+                + f"run {out.runs[0].info.run_id}")
+            produced.append(out.runs[0])
         upstream = produced
     for fit in prof.fits:
         out = execute(fit_call(fit, experiment, experiment, simulate), invoke_stage,
@@ -131,9 +142,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "check files, wiring, reuse, fits and notebooks.")
     parser.add_argument("--takeover", action="store_true",
                         help="Treat unfinished runs owned by another host as dead.")
+    parser.add_argument("--backend", choices=BACKENDS, default=None,
+                        help="Dispatch each hidden_states/train/decode call as an MLflow "
+                             "project run of pipelines/MLproject on this MLflow backend "
+                             "instead of running it here (fits still run here); see "
+                             "docs/scale-out.md.")
+    parser.add_argument("--backend-config", default=None,
+                        help="JSON file passed to the backend (Databricks: the cluster spec; "
+                             "Kubernetes: kube-context, repository-uri, "
+                             "kube-job-template-path).")
+    parser.add_argument("--parallel", action="store_true",
+                        help="With --backend: submit every call of a stage at once and wait "
+                             "for all (default: one after the other).")
 
 
 def run(args: argparse.Namespace) -> int:
+    backend = None
+    if args.backend:
+        backend = Backend(args.backend, args.backend_config, parallel=args.parallel)
+    elif args.backend_config or args.parallel:
+        raise ConfigError("--backend-config and --parallel need --backend")
     signal.signal(signal.SIGTERM, _sigterm_as_exit)
     paths = args.sweeps or [str(p) for p in sweep_paths()]
     if not paths:
@@ -142,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
     launcher = os.environ.pop(LAUNCHER_ENV, None)
     for p in paths:
         run_sweep(load_sweep(p), args.profile, simulate=args.simulate, takeover=args.takeover,
-                  parent_run_id=launcher)
+                  parent_run_id=launcher, backend=backend)
         sys.stdout.flush()
     return 0
 
@@ -173,6 +201,14 @@ def _true(value: str) -> bool:
     return value.strip().lower() in ("1", "true", "yes")
 
 
+def _flag_value(value: str) -> Any:
+    """A ``-P`` value as a sweep file gives it: ``true``/``false`` are booleans
+    (``-P no_progress=true`` is ``--no-progress``), '' is None (no flag)."""
+    if value.strip().lower() in ("true", "false"):
+        return _true(value)
+    return None if value == "" else value
+
+
 def _enter(project_dir: Path) -> None:
     """Entry points run where `scylla ...` runs: the repository root (relative paths in
     params, the default store and artifacts are the same either way)."""
@@ -182,11 +218,15 @@ def _enter(project_dir: Path) -> None:
 
 def stage_entry(stage: str, argv: list[str], project_dir: Path) -> int:
     """Entry point of one stage: reuse or run it; ``upstream_run_id`` names the run whose
-    output it takes (a hidden_states run for train, a train run for decode)."""
+    output it takes (a hidden_states run for train, a train run for decode), ``labels`` a
+    JSON object of labels (a sweep's ``variant``, sent by ``scylla.sweep_dispatch``).
+    Values read as ``_flag_value``, so a call has the run key and flags of the same call
+    made by ``scylla sweep``."""
     _enter(project_dir)
     params = parse_pairs(argv)
     simulated = _true(params.pop("simulate", "false"))
     upstream_id = params.pop("upstream_run_id", "")
+    labels = json.loads(params.pop("labels", "") or "{}")
     mlflow = tracking.mlflow_client_ready()
     launcher = os.environ.pop(LAUNCHER_ENV, None)
     experiment = params.pop("log_experiment", "") or tracking.DEFAULT_EXPERIMENT
@@ -202,7 +242,9 @@ def stage_entry(stage: str, argv: list[str], project_dir: Path) -> int:
         call = fit_call(fit, source, experiment, simulated)
     else:
         upstream = mlflow.get_run(upstream_id) if upstream_id else None
-        call = StageCall(stage, params, experiment, upstream=upstream, simulated=simulated)
+        flags = {k: _flag_value(v) for k, v in params.items()}
+        call = StageCall(stage, flags, experiment, labels=labels, upstream=upstream,
+                         simulated=simulated)
     out = execute(call, invoke_stage, parent_run_id=launcher)
     ids = ",".join(r.info.run_id for r in out.runs)
     print(f"{stage}: {'reused' if out.reused else 'ran'} run(s) {ids}")
@@ -221,5 +263,6 @@ def sweep_entry(argv: list[str], project_dir: Path) -> int:
     args = argparse.Namespace(
         sweeps=[] if names == "all" else names.split(","),
         profile=params.get("profile", "quick"), simulate=_true(params.get("simulate", "false")),
-        takeover=_true(params.get("takeover", "false")))
+        takeover=_true(params.get("takeover", "false")), backend=None, backend_config=None,
+        parallel=False)
     return run(args)

@@ -2,6 +2,8 @@
 
 Every stage (``hidden_states``, ``train``, ``decode``, ``fit``) logs to one run tagged
 ``stage=<name>``; params are the config dataclasses' fields, flat, with the same names.
+``MLFLOW_TRACKING_URI`` may name a tracking server instead (``http://host:5000``, a
+database behind ``mlflow server``; docs/scale-out.md): then the server places artifacts.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import json
 import logging
 import os
 from typing import Any, Iterator
+from urllib.parse import urlparse
 
 from scylla import paths
 
@@ -18,6 +21,10 @@ DEFAULT_EXPERIMENT = "scylla"
 # context: the experiment, tags naming the attempt, labels, and the upstream run's params.
 # It travels in the environment so that processes a stage spawns (DDP ranks) inherit it.
 CONTEXT_ENV = "SCYLLA_RUN_CONTEXT"
+# Tracking URIs answered by a server, which decides where a new experiment's artifacts go
+# (its --default-artifact-root or proxied mlflow-artifacts:/); a store the client opens
+# itself (SQLite, a database URI, a directory) gets the project's mlruns/artifacts.
+SERVER_SCHEMES = ("http", "https", "databricks", "databricks-uc")
 
 
 def mlflow_client_ready() -> Any:
@@ -35,7 +42,9 @@ def experiment_id(name: str = DEFAULT_EXPERIMENT) -> str:
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    return mlflow.create_experiment(name, artifact_location=paths.artifact_root() + f"/{name}")
+    served = urlparse(paths.tracking_uri()).scheme in SERVER_SCHEMES
+    location = None if served else paths.artifact_root() + f"/{name}"
+    return mlflow.create_experiment(name, artifact_location=location)
 
 
 def run_context() -> dict[str, Any]:

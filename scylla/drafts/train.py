@@ -10,6 +10,8 @@ the command only reports it.
 
 Multi-process training: ``--devices 2 --strategy ddp`` (on CPU with gloo). Lightning starts the
 other ranks by re-running the command; they find the MLflow run id in ``SCYLLA_TRAIN_RUN_ID``.
+Several nodes: ``--num-nodes N`` with every process started by torchrun or SLURM's srun; then
+only global rank 0 opens the MLflow run (docs/scale-out.md).
 """
 from __future__ import annotations
 
@@ -158,6 +160,30 @@ def make_strategy(name: str) -> Any:
     return name
 
 
+def check_strategy(strategy: str, accelerator: str) -> None:
+    """Lightning 2.6 refuses FSDP without a CUDA accelerator (Lightning issue #21812, CPU
+    FSDP not yet supported): say so in one line, in our flags, before the target loads."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if strategy not in FSDPStrategy.get_registered_strategies():
+        return
+    resolved = accelerator
+    if accelerator == "auto":
+        resolved = "cuda" if torch.cuda.is_available() else "cpu"
+    if resolved not in ("cuda", "gpu"):
+        raise ConfigError(f"--strategy {strategy} with --accelerator {accelerator}: FSDP needs "
+                          "GPUs here (Lightning refuses it on CPU); use --accelerator gpu on "
+                          "a GPU machine, or --strategy ddp on CPU")
+
+
+def started_as_rank_zero() -> bool:
+    """False for a process started as another rank than global rank 0 by a cluster
+    launcher: torchrun (RANK), srun (SLURM_PROCID), or by hand on node k > 0 of a general
+    cluster (NODE_RANK). The ranks Lightning itself starts carry RUN_ENV instead."""
+    return all(int(os.environ.get(var) or 0) == 0
+               for var in ("RANK", "SLURM_PROCID", "NODE_RANK"))
+
+
 RUN_PARAMS = "run_params.json"
 
 
@@ -183,7 +209,7 @@ def train_draft(target: Any, draft_cfg: DraftConfig, cfg: TrainConfig, train: Se
                 val: SequenceSource | None, out_dir: str | Path, *,
                 features: Callable[[dict, bool], dict] | None = None,
                 run_id: str | None = None, accelerator: str = "auto", devices: int = 1,
-                strategy: str = "auto", progress: bool = True,
+                num_nodes: int = 1, strategy: str = "auto", progress: bool = True,
                 max_steps: int = -1) -> dict[str, Any]:
     """Train (or resume) a draft; returns its metrics, ``draft_params`` and the draft path.
 
@@ -220,7 +246,8 @@ def train_draft(target: Any, draft_cfg: DraftConfig, cfg: TrainConfig, train: Se
     ckpt = ModelCheckpoint(dirpath=out / CKPT_DIR, filename="step{step}", save_last=True,
                            save_top_k=1, every_n_train_steps=cfg.checkpoint_every)
     trainer = L.Trainer(
-        accelerator=accelerator, devices=devices, strategy=make_strategy(strategy),
+        accelerator=accelerator, devices=devices, num_nodes=num_nodes,
+        strategy=make_strategy(strategy),
         max_epochs=1, max_steps=max_steps, logger=logger, callbacks=[ckpt],
         enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
         val_check_interval=cfg.val_check_steps or None, limit_val_batches=1.0 if val else 0,
@@ -253,11 +280,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--out", default="", help="Output directory (checkpoints, draft); '' = "
                    "derived from the params under the data dir.")
     g.add_argument("--accelerator", default="auto", help="Lightning accelerator (auto, cpu, gpu).")
-    g.add_argument("--devices", type=int, default=1, help="Processes / devices.")
+    g.add_argument("--devices", type=int, default=1, help="Processes / devices per node.")
+    g.add_argument("--num-nodes", type=int, default=1, help="Nodes (Lightning's num_nodes); "
+                   "start the command on each with torchrun or srun (docs/scale-out.md).")
     g.add_argument("--strategy", default="auto", help="Lightning strategy: auto, ddp, "
-                   "ddp_spawn, ...")
+                   "ddp_spawn, fsdp (GPUs only), ...")
     g.add_argument("--no-mlflow", action="store_true", help="Do not log an MLflow run.")
     g.add_argument("--no-progress", action="store_true", help="No progress bar.")
+
+
+def trainer_placement(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags that place training on devices and nodes, checked before anything loads."""
+    check_strategy(args.strategy, args.accelerator)
+    return dict(accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes,
+                strategy=args.strategy)
 
 
 def resolve_shard_root(data: HiddenStatesConfig, target: Any, layers: tuple[int, ...]) -> Path:
@@ -271,6 +307,7 @@ def run(args: argparse.Namespace) -> int:
     from scylla.cli import dataclass_from_args
     from scylla.targets import load_target
 
+    placement = trainer_placement(args)
     spec = dataclass_from_args(TargetSpec, args)
     draft_cfg = dataclass_from_args(DraftConfig, args)
     cfg = dataclass_from_args(TrainConfig, args)
@@ -292,10 +329,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         train, val = shard_sources(resolve_shard_root(data, target, layers), target, cfg, layers)
         features = None
-    kwargs = dict(features=features, accelerator=args.accelerator, devices=args.devices,
-                  strategy=args.strategy, progress=not args.no_progress)
+    kwargs = dict(features=features, progress=not args.no_progress, **placement)
     child_run = os.environ.get(RUN_ENV)
-    if args.no_mlflow or child_run:  # a DDP rank started by Lightning, or no tracking
+    # a DDP rank started by Lightning (logs into rank 0's run), a rank > 0 started by a
+    # cluster launcher (rank 0 logs), or no tracking
+    if args.no_mlflow or child_run or not started_as_rank_zero():
         res = train_draft(target, draft_cfg, cfg, train, val, out, run_id=child_run, **kwargs)
     else:
         with train_run(out, params) as run_obj:
