@@ -26,8 +26,11 @@ run: setup
 test: setup
 	$(PY) -m pytest
 
-# Long tests (minutes to hours): training runs, soak tests, full sweeps.
+# Long tests (minutes to hours): training runs, soak tests, full sweeps. The MLflow UI test
+# renders the UI in Chromium, a system package: installed here (Debian's apt) when missing.
 test-slow: setup
+	command -v chromium >/dev/null || { S=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$S apt-get update -q && $$S env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 	$(PY) -m pytest -m slow
 
 mlflow-ui: setup
