@@ -21,6 +21,7 @@ from scylla.reuse import StageBusyError, StageCall, StageFailedError, execute
 from scylla.sweep import parse_pairs, run_sweep, stage_entry
 from scylla.sweep_spec import load_sweep, sweep_paths
 from scylla.sweep_stages import to_argv
+from sweep_fixtures import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -246,21 +247,6 @@ def test_work_found_done_adopts_the_finished_run(mlflow_store):
 
 
 # -- a sweep killed mid-run and restarted ---------------------------------------------------------
-
-TINY = """
-name: tiny
-profiles:
-  quick:
-    hidden_states: {params: {train_tokens: 4000}}
-    train:
-      params: {draft_n_layer: 1}
-      grid: {train_tokens: [1000, 2000, 4000]}
-    decode:
-      params: {methods: "plain,tree"}
-      grid: {decode_batch_size: [1, 2]}
-    fits:
-      - {name: tau, stage: train, x: train_tokens, y: val/tau_chain}
-"""
 
 
 def runs_of(experiment: str):

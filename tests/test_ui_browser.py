@@ -23,21 +23,8 @@ import pytest
 
 from scylla.sweep import run_sweep
 from scylla.sweep_spec import load_sweep
+from sweep_fixtures import TINY
 
-SWEEP = """
-name: ui
-profiles:
-  quick:
-    hidden_states: {params: {train_tokens: 4000}}
-    train:
-      params: {draft_n_layer: 1}
-      grid: {train_tokens: [1000, 2000, 4000]}
-    decode:
-      params: {methods: "plain,tree"}
-      grid: {decode_batch_size: [1, 2]}
-    fits:
-      - {name: tau, stage: train, x: train_tokens, y: val/tau_chain}
-"""
 WINDOW = (1400, 900)
 
 
@@ -100,8 +87,8 @@ def test_the_mlflow_ui_shows_the_sweep_runs_in_chromium(mlflow_store, tmp_path):
     from PIL import Image
 
     chromium()  # fail first, not after the sweep, when it is missing
-    sweep = tmp_path / "ui.yaml"
-    sweep.write_text(SWEEP)
+    sweep = tmp_path / "tiny.yaml"
+    sweep.write_text(TINY)
     result = run_sweep(load_sweep(sweep), "quick", simulate=True, log=lambda s: None)
     exp = mlflow.get_experiment_by_name(result.experiment)
     runs = mlflow.search_runs([exp.experiment_id], output_format="list")
