@@ -111,21 +111,29 @@ def tree_mask_of(parent: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     return mask, depth
 
 
+def append_random_trees(model, gen, prefix_lens: torch.Tensor, n: int):
+    """Prefill random prompts cut to ``prefix_lens``, then append one random n-node tree per
+    row in one forward; returns prompts, parents, tree tokens, the cache and the logits."""
+    batch, width = len(prefix_lens), int(prefix_lens.max())
+    prompts = torch.randint(0, 256, (batch, width), generator=gen)
+    parents = [random_tree(n, gen) for _ in range(batch)]
+    masks, depths = zip(*(tree_mask_of(p) for p in parents))
+    tokens = torch.randint(0, 256, (batch, n), generator=gen)
+    cache = model.new_cache(batch, 64)
+    model(prompts, cache=cache)
+    cache.set_lengths(prefix_lens)
+    out = model(tokens, cache=cache, position_ids=prefix_lens[:, None] + torch.stack(depths),
+                tree_mask=torch.stack(masks)).logits  # (B, n, V)
+    return prompts, parents, tokens, cache, out
+
+
 @torch.inference_mode()
 def test_tree_append_equals_each_path_alone():
     gen = torch.Generator().manual_seed(1)
     model = ours_of(tiny_hf("qwen2", "default"))
-    prompts = torch.randint(0, 256, (2, 9), generator=gen)
     prefix_lens = torch.tensor([9, 6])  # rows of different lengths in one batch
     n = 10
-    parents = [random_tree(n, gen) for _ in range(2)]
-    masks, depths = zip(*(tree_mask_of(p) for p in parents))
-    tokens = torch.randint(0, 256, (2, n), generator=gen)
-    cache = model.new_cache(2, 64)
-    model(prompts, cache=cache)
-    cache.set_lengths(prefix_lens)
-    out = model(tokens, cache=cache, position_ids=prefix_lens[:, None] + torch.stack(depths),
-                tree_mask=torch.stack(masks)).logits  # (2, n, V)
+    prompts, parents, tokens, cache, out = append_random_trees(model, gen, prefix_lens, n)
     assert cache.lengths.tolist() == [9 + n, 6 + n]
     for b in range(2):
         for path in tree_paths(parents[b]):
@@ -138,17 +146,8 @@ def test_tree_append_equals_each_path_alone():
 def test_keep_equals_recompute_from_scratch():
     gen = torch.Generator().manual_seed(2)
     model = ours_of(tiny_hf("llama", "linear"))
-    prompts = torch.randint(0, 256, (3, 8), generator=gen)
     prefix_lens = torch.tensor([8, 5, 7])
-    n = 9
-    parents = [random_tree(n, gen) for _ in range(3)]
-    masks, depths = zip(*(tree_mask_of(p) for p in parents))
-    tokens = torch.randint(0, 256, (3, n), generator=gen)
-    cache = model.new_cache(3, 64)
-    model(prompts, cache=cache)
-    cache.set_lengths(prefix_lens)
-    model(tokens, cache=cache, position_ids=prefix_lens[:, None] + torch.stack(depths),
-          tree_mask=torch.stack(masks))
+    prompts, parents, tokens, cache, _ = append_random_trees(model, gen, prefix_lens, 9)
     # row 0 keeps its longest path, row 1 nothing, row 2 a path of one node
     kept = [max(tree_paths(parents[0]), key=len), [], tree_paths(parents[2])[0][:1]]
     width = max(len(k) for k in kept)
