@@ -31,10 +31,14 @@ class Linear(nn.Linear):
         self._wt: torch.Tensor | None = None
         self._wt_key: tuple[int, int] = (0, -1)
 
+    def _cpu_inference(self, x: torch.Tensor) -> bool:
+        """A CPU product autograd does not record: the layouts below may be chosen freely."""
+        w = self.weight
+        return w.is_cpu and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if (x.numel() <= self._copy_max_numel and w.is_cpu and self.transposed_copy
-                and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):
+        if x.numel() <= self._copy_max_numel and self.transposed_copy and self._cpu_inference(x):
             key = (w.data_ptr(), -1 if w.is_inference() else w._version)
             if key != self._wt_key:
                 self._wt, self._wt_key = w.detach().t().contiguous(), key
@@ -53,10 +57,8 @@ class LMHead(Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        w = self.weight
-        if (1 < rows <= self.WIDE_MAX_ROWS and w.is_cpu
-                and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):
-            y = (w @ x.reshape(rows, self.in_features).t()).t()  # (rows, V) view
+        if 1 < rows <= self.WIDE_MAX_ROWS and self._cpu_inference(x):
+            y = (self.weight @ x.reshape(rows, self.in_features).t()).t()  # (rows, V) view
             y = y if self.bias is None else y + self.bias
             return y.reshape(*x.shape[:-1], self.out_features)
         return super().forward(x)
