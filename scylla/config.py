@@ -104,6 +104,8 @@ class DraftConfig:
         check(self.draft_vocab_size >= 0, o, "draft_vocab_size", self.draft_vocab_size, ">= 0")
         check(not self.feature_layers or self.kind == "eagle3", o, "feature_layers",
               self.feature_layers, "only for kind='eagle3'")
+        check(self.kind != "eagle3" or self.draft_n_layer == 1, o, "draft_n_layer",
+              self.draft_n_layer, "1 for kind='eagle3' (EAGLE-3 as vLLM and SGLang serve it)")
 
 
 @dataclass

@@ -17,7 +17,8 @@ def target():
     return tiny_target()
 
 
-def make(target, kind="scylla", n_layer=2, vocab=0, seed=0, layers="") -> DraftModel:
+def make(target, kind="scylla", n_layer=None, vocab=0, seed=0, layers="") -> DraftModel:
+    n_layer = n_layer or (1 if kind == "eagle3" else 2)  # an eagle3 draft has one layer
     d2t = torch.arange(3, 3 + vocab) * 2 if vocab else None
     torch.manual_seed(seed)
     return instantiate(draft_spec(kind, n_layer, target, vocab, layers), target, d2t)

@@ -20,8 +20,8 @@ from transformers.models.llama.modeling_llama import (LlamaAttention, LlamaDecod
 
 from drafts_fixtures import tiny_target
 from scylla.cli import main
-from scylla.drafts import (DraftModel, ScyllaDraft, ServedEagle3Draft, ServedEagleDraft,
-                           draft_spec, export_draft, import_export, instantiate, save_draft)
+from scylla.drafts import (DraftModel, Eagle3Draft, ScyllaDraft, ServedEagleDraft, draft_spec,
+                           export_draft, import_export, instantiate, save_draft)
 from scylla.drafts.card import read_bench
 from scylla.drafts.export import engine_layers
 from scylla.errors import ConfigError, DataError, DraftMismatchError
@@ -59,11 +59,11 @@ def scylla_draft(target, pruned: bool, n_layer: int = 2) -> DraftModel:
     return perturbed(instantiate(spec, target, d2t), 1)
 
 
-def served_eagle3(target, pruned: bool, n_layer: int = 1) -> DraftModel:
+def eagle3_draft(target, pruned: bool) -> DraftModel:
     d2t = d2t_of(pruned)
-    spec = dataclasses.replace(draft_spec("scylla", n_layer, target, 0 if d2t is None else VOCAB),
-                               kind="served-eagle3", feature_layers=engine_layers(8))
-    return perturbed(instantiate(spec, target, d2t, cls=ServedEagle3Draft), 2)
+    spec = draft_spec("eagle3", 1, target, 0 if d2t is None else VOCAB)
+    assert spec.feature_layers == engine_layers(8)  # the training default is the engines' choice
+    return perturbed(instantiate(spec, target, d2t), 2)
 
 
 @torch.no_grad()
@@ -107,8 +107,8 @@ def test_scylla_draft_exports_as_eagle_and_imports_exactly(target, tmp_path, pru
 
 
 @pytest.mark.parametrize("pruned", [False, True], ids=["full", "pruned"])
-def test_served_eagle3_exports_and_imports_exactly(target, tmp_path, pruned):
-    draft = served_eagle3(target, pruned)
+def test_eagle3_draft_exports_and_imports_exactly(target, tmp_path, pruned):
+    draft = eagle3_draft(target, pruned)
     out = export_draft(draft, tmp_path, "eagle3")
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLMEagle3"]
@@ -123,7 +123,7 @@ def test_served_eagle3_exports_and_imports_exactly(target, tmp_path, pruned):
     else:
         assert "d2t" not in tensors
     back = import_export(out, target)
-    assert isinstance(back, ServedEagle3Draft) and back.feature_layers == (2, 4, 5)
+    assert isinstance(back, Eagle3Draft) and back.feature_layers == (2, 4, 5)
     assert_same_function(draft, back, target)
 
 
@@ -192,7 +192,7 @@ def engine_logits(out, target, ids: torch.Tensor, feats: torch.Tensor) -> torch.
 
 @pytest.mark.parametrize("fmt", ["eagle", "eagle3"])
 def test_export_computes_what_the_engines_compute(target, tmp_path, fmt):
-    draft = scylla_draft(target, True) if fmt == "eagle" else served_eagle3(target, True)
+    draft = scylla_draft(target, True) if fmt == "eagle" else eagle3_draft(target, True)
     out = export_draft(draft, tmp_path, fmt)
     ids = torch.randint(3, 256, (1, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -206,17 +206,14 @@ def test_export_computes_what_the_engines_compute(target, tmp_path, fmt):
 
 
 def test_unexportable_drafts_raise_config_errors_naming_the_field(target, tmp_path):
-    eagle3 = instantiate(draft_spec("eagle3", 1, target), target)
-    with pytest.raises(ConfigError, match="kind='eagle3' cannot be exported as eagle3"):
-        export_draft(eagle3, tmp_path, "eagle3")
     with pytest.raises(ConfigError, match="kind='eagle3' cannot be exported as eagle:"):
-        export_draft(eagle3, tmp_path, "eagle")
+        export_draft(eagle3_draft(target, False), tmp_path, "eagle")
     with pytest.raises(ConfigError, match="kind='scylla' cannot be exported as eagle3"):
         export_draft(scylla_draft(target, False), tmp_path, "eagle3")
     with pytest.raises(ConfigError, match="format='medusa'"):
         export_draft(scylla_draft(target, False), tmp_path, "medusa")
     with pytest.raises(ConfigError, match="draft_n_layer=2"):
-        served_eagle3(target, False, n_layer=2)
+        instantiate(draft_spec("eagle3", 2, target), target)
     biased = scylla_draft(target, False)
     biased.spec = dataclasses.replace(biased.spec, layer_config=dataclasses.replace(
         biased.spec.layer_config, attention_bias=True))
@@ -235,18 +232,6 @@ def test_import_checks_the_target(target, tmp_path):
     (out / "config.json").write_text(json.dumps({**cfg, "architectures": ["LlamaForCausalLM"]}))
     with pytest.raises(DataError, match="is not an EAGLE head"):
         import_export(out, target)
-
-
-@torch.no_grad()
-def test_served_eagle3_cache_chunks_match_one_forward(target):
-    draft = served_eagle3(target, False)
-    ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(2))
-    feats = draft.features(target.model(ids, hidden_layers=draft.feature_layers))
-    ref = draft(ids, feats)
-    cache = draft.new_cache(2, 32)
-    parts = [draft(ids[:, a:b], feats[:, a:b], cache=cache) for a, b in [(0, 7), (7, 8), (8, 12)]]
-    torch.testing.assert_close(torch.cat([p.logits for p in parts], 1), ref.logits,
-                               atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,14 +260,15 @@ def test_save_pretrained_round_trip_and_model_card(target, tmp_path):
 
 
 def test_served_drafts_save_as_their_export(target, tmp_path):
-    draft = served_eagle3(target, True)
-    draft.save_pretrained(tmp_path)
-    assert (tmp_path / "config.json").is_file() and not (tmp_path / "draft.json").exists()
-    back = DraftModel.from_pretrained(tmp_path, target)
-    assert isinstance(back, ServedEagle3Draft)
+    draft = import_export(export_draft(scylla_draft(target, True), tmp_path / "x", "eagle"),
+                          target)
+    draft.save_pretrained(tmp_path / "y")
+    assert (tmp_path / "y/config.json").is_file() and not (tmp_path / "y/draft.json").exists()
+    back = DraftModel.from_pretrained(tmp_path / "y", target)
+    assert isinstance(back, ServedEagleDraft)
     assert_same_function(draft, back, target)
-    card = (tmp_path / "README.md").read_text()
-    assert "--speculative-algorithm EAGLE3" in card and '"method": "eagle3"' in card
+    card = (tmp_path / "y/README.md").read_text()
+    assert "--speculative-algorithm EAGLE" in card and '"method": "eagle"' in card
 
 
 def test_bad_bench_report_is_a_data_error(tmp_path):
@@ -310,6 +296,15 @@ def test_cli_exports_a_training_output(target, tmp_path, capsys):
     assert "--speculative-token-map <this directory>/hot_token_ids.pt" in card
     assert "one layer more than the draft has" in card
     assert isinstance(import_export(tmp_path / "out", target), ServedEagleDraft)
+
+
+def test_cli_exports_a_trained_eagle3_draft_as_eagle3(target, tmp_path, capsys):
+    draft = eagle3_draft(target, True)
+    save_draft(draft, tmp_path / "run" / "draft", extra={"train": {"train_tokens": 512}})
+    assert main(["export", "--draft", str(tmp_path / "run"), "--format", "eagle3", "--out",
+                 str(tmp_path / "out")]) == 0
+    assert "wrote eagle3 export" in capsys.readouterr().out
+    assert_same_function(draft, import_export(tmp_path / "out", target), target)
 
 
 def test_cli_errors(target, tmp_path, capsys):

@@ -3,15 +3,15 @@
 ``DraftModel`` / ``load_draft`` / ``save_draft`` are the interface decoding uses; training
 lives in ``scylla.drafts.module`` (LightningModule), ``.data`` (DataModule) and ``.train``
 (``scylla train``); ``.export`` writes / reads the EAGLE and EAGLE-3 layouts vLLM and SGLang serve
-(``scylla export``), ``.served`` holds those layouts as drafts, ``.card`` the model card.
+(``scylla export``), ``.served`` the EAGLE-1/2 head as served, ``.card`` the model card.
 """
 from scylla.drafts.checkpoint import load_draft, save_draft
 from scylla.drafts.export import export_draft, import_export
 from scylla.drafts.model import (DraftModel, DraftOutput, Eagle3Draft, ScyllaDraft, draft_spec,
                                  instantiate)
-from scylla.drafts.served import ServedEagle3Draft, ServedEagleDraft
+from scylla.drafts.served import ServedEagleDraft
 from scylla.drafts.spec import DraftSpec, TargetInfo
 
 __all__ = ["DraftModel", "DraftOutput", "DraftSpec", "Eagle3Draft", "ScyllaDraft",
-           "ServedEagle3Draft", "ServedEagleDraft", "TargetInfo", "draft_spec", "export_draft",
+           "ServedEagleDraft", "TargetInfo", "draft_spec", "export_draft",
            "import_export", "instantiate", "load_draft", "save_draft"]

@@ -16,10 +16,9 @@ What is exported, and how exactly:
   goes to ``hot_token_ids.pt`` (SGLang's ``--speculative-token-map``; vLLM's EAGLE has no pruned
   vocabulary and drafts over the full one). SGLang's ``fc`` has a bias, vLLM's has none and
   skips ``fc.bias``: vLLM serves the draft without its fc bias.
-- ``eagle`` from ``served-eagle`` and ``eagle3`` from ``served-eagle3``: unchanged.
-- Anything else raises ConfigError: our ``eagle3`` draft projects ``[embed; fused feature]``
-  with ``fc`` before a standard layer, where EAGLE-3's layer attends over the normed 2H
-  concatenation and keeps the feature as its residual; no weights make one compute the other.
+- ``eagle3`` from an ``eagle3`` draft (built exactly as the engines serve EAGLE-3) and
+  ``eagle`` from ``served-eagle`` (an imported EAGLE head): unchanged.
+- Anything else raises ConfigError naming the kind.
 """
 from __future__ import annotations
 
@@ -50,13 +49,12 @@ FORMATS = {"eagle": "LlamaForCausalLMEagle", "eagle3": "LlamaForCausalLMEagle3"}
 # architectures read back: SGLang's names and vLLM's registry names for the same heads
 READS = {"LlamaForCausalLMEagle": "eagle", "EagleLlamaForCausalLM": "eagle",
          "LlamaForCausalLMEagle3": "eagle3", "Eagle3LlamaForCausalLM": "eagle3"}
-SERVED_KIND = {"eagle": "served-eagle", "eagle3": "served-eagle3"}
+IMPORTED_KIND = {"eagle": "served-eagle", "eagle3": "eagle3"}
 FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
          "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
 WHY_NOT = {
-    "eagle3": "our eagle3 draft projects [embed; fused feature] with fc before a standard "
-              "layer; EAGLE-3's layer attends over [norm(embed); norm(feature)] and keeps the "
-              "feature as its residual, so no weights of one reproduce the other",
+    "eagle3": "an EAGLE-3 draft fuses three target layers into a differently built layer "
+              "(export it as --format eagle3)",
     "scylla": "the scylla draft reads the target's last hidden state; EAGLE-3 fuses three "
               "hidden layers into a differently built layer (export it as --format eagle)",
 }
@@ -149,11 +147,11 @@ def eagle_tensors(spec: DraftSpec, state: dict[str, torch.Tensor]
 
 def eagle3_tensors(spec: DraftSpec, state: dict[str, torch.Tensor]
                    ) -> tuple[dict[str, torch.Tensor], int]:
-    """(tensors under EAGLE-3's names, 1) of a served-eagle3 draft: ``midlayer.*``, and the
+    """(tensors under EAGLE-3's names, 1) of an eagle3 draft: ``midlayer.*``, and the
     pruned vocabulary as EAGLE-3's ``d2t`` (target id - draft id) and ``t2d`` (bool, V)."""
-    if spec.kind != "served-eagle3":
+    if spec.kind != "eagle3":
         raise ConfigError(f"kind={spec.kind!r} cannot be exported as eagle3: "
-                          f"{WHY_NOT.get(spec.kind, 'only served-eagle3 drafts can')}")
+                          f"{WHY_NOT.get(spec.kind, 'only eagle3 drafts can')}")
     if spec.feature_layers != engine_layers(spec.target.num_hidden_layers):
         raise ConfigError(f"feature_layers={spec.feature_layers}: vLLM and SGLang feed "
                           f"{engine_layers(spec.target.num_hidden_layers)} to an EAGLE-3 head")
@@ -322,7 +320,7 @@ def our_state(tensors: dict[str, torch.Tensor], fmt: str, target: Any, hidden: i
 
 
 def import_export(path: str | Path, target: Any) -> DraftModel:
-    """The EAGLE / EAGLE-3 head in ``path`` as a ``served-eagle`` / ``served-eagle3`` draft wired
+    """The EAGLE / EAGLE-3 head in ``path`` as a ``served-eagle`` / ``eagle3`` draft wired
     to ``target`` (DraftMismatchError when sizes or the recorded target name differ)."""
     path = Path(path)
     cfg, fmt = read_config(path)
@@ -334,12 +332,12 @@ def import_export(path: str | Path, target: Any) -> DraftModel:
     except (SafetensorError, OSError) as e:
         raise DataError(f"{path / WEIGHTS}: cannot read the head's weights ({e})") from e
     d2t = draft_ids(path, fmt, tensors)
-    spec = DraftSpec(kind=SERVED_KIND[fmt], draft_n_layer=layer_config.num_hidden_layers,
+    spec = DraftSpec(kind=IMPORTED_KIND[fmt], draft_n_layer=layer_config.num_hidden_layers,
                      target=info, layer_config=layer_config,
                      feature_layers=engine_layers(info.num_hidden_layers) if fmt == "eagle3"
                      else (), draft_vocab_size=0 if d2t is None else d2t.numel(),
                      extra={**cfg.get("scylla", {}).get("extra", {}), "imported_from": str(path)})
-    draft = instantiate(spec, target, d2t, cls=SERVED[spec.kind])
+    draft = instantiate(spec, target, d2t, cls=SERVED.get(spec.kind))
     state = our_state(tensors, fmt, target, layer_config.hidden_size, path / WEIGHTS)
     if d2t is not None:
         state["d2t"] = draft.d2t
@@ -375,7 +373,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Draft checkpoint directory (save_draft / `scylla train` output).")
     parser.add_argument("--format", required=True, choices=tuple(FORMATS),
                         help="eagle: EAGLE-1/2 head (from a scylla draft); eagle3: EAGLE-3 head "
-                        "(from an imported served-eagle3 draft). See docs/export.md.")
+                        "(from an eagle3 draft). See docs/export.md.")
     parser.add_argument("--out", required=True, help="Directory to write the export to.")
     parser.add_argument("--bench", default=None, help="A `scylla bench --json` report: adds a "
                         "tau-per-category table to the model card.")

@@ -1,18 +1,20 @@
 """Draft models: plain ``nn.Module``s that read the frozen target's features.
 
 Both kinds share the EAGLE input: at row position t the draft gets token x_{t+1} and a feature of
-position t, projects ``fc([embed(x_{t+1}); feature]) : 2H -> H`` and runs ``draft_n_layer`` of our
-``DecoderLayer``s; the output ``hidden`` at t predicts x_{t+2}. For further draft steps the draft's
-own ``hidden`` is fed back as the feature.
+position t; the output ``hidden`` at t predicts x_{t+2}. For further draft steps the draft's own
+``hidden`` is fed back as the feature.
 
 - ``ScyllaDraft`` (EAGLE-2 style, the paper's draft): the feature is the target's post-norm top
-  hidden state; ``hidden`` is regressed onto the target's next feature and read out by the
+  hidden state, projected with the embedding by ``fc([embed(x); feature]) : 2H -> H`` into
+  ``draft_n_layer`` of our ``DecoderLayer``s; ``hidden`` is regressed onto the target's next feature and read out by the
   target's frozen LM head (no norm in between, as the target's feature is already normed).
-- ``Eagle3Draft`` (the strongest public baseline): the feature is the target's low / middle /
-  high hidden states fused by ``fuse : 3H -> H``; ``hidden`` goes through its own norm and its own
-  trainable LM head (initialised from the target's). Unlike EAGLE-3, whose first layer takes the
-  2H concatenation into its attention projections, we project with ``fc`` first so that the
-  same ``DecoderLayer`` serves both kinds.
+- ``Eagle3Draft`` (the strongest public baseline), EAGLE-3 exactly as vLLM and SGLang serve it, so
+  that ``scylla export --format eagle3`` writes it unchanged: one layer; the feature is the
+  target's low / middle / high hidden states fused by ``fc : 3H -> H`` (the draft's own hidden
+  of width H passes unfused); the layer's attention reads
+  ``[input_layernorm(embed(x)); hidden_norm(feature)] : 2H`` and its residual stream starts from
+  the feature itself; ``hidden`` (before the final norm) goes through ``norm`` and its own
+  trainable LM head (initialised from the target's).
 
 The embedding and the target's LM head rows are frozen, shared with the target and held as
 non-persistent buffers: they are never saved with the draft (``load_draft`` takes them from the
@@ -32,8 +34,9 @@ from torch import nn
 
 from scylla.drafts.spec import DraftSpec, TargetInfo, eagle3_layers
 from scylla.errors import ConfigError
-from scylla.modeling import (AttentionStep, DecoderLayer, ForwardOutput, KVCache, RMSNorm,
-                             RotaryEmbedding, attention_step)
+from scylla.modeling import (MLP, Attention, AttentionStep, DecoderLayer, ForwardOutput,
+                             KVCache, Linear, ModelConfig, RMSNorm, RotaryEmbedding,
+                             attention_step)
 
 
 @dataclass
@@ -100,12 +103,13 @@ class DraftModel(nn.Module):
         emb = F.embedding(input_ids, self.embed_weight).to(self.dtype)  # (B, K, H)
         return self.fc(torch.cat([emb, self.input_feature(features)], dim=-1))
 
-    def run_layers(self, x: torch.Tensor, step: AttentionStep, cache: KVCache | None
-                   ) -> torch.Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x, step, cache.layer(i) if cache is not None else None)
-        if cache is not None:
-            cache.advance(x.shape[1])
+    def body(self, input_ids: torch.Tensor, features: torch.Tensor, step: AttentionStep,
+             kvs: list[Any]) -> torch.Tensor:
+        """hidden (B, K, H) of input_ids (B, K) and features (B, K, F); kvs[i]: layer i's key /
+        value buffers (a cache layer, the unrolled training buffers) or None."""
+        x = self.project(input_ids, features)
+        for layer, kv in zip(self.layers, kvs):
+            x = layer(x, step, kv)
         return x
 
     def readout(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -128,7 +132,10 @@ class DraftModel(nn.Module):
         """
         step = attention_step(self.spec.layer_config, self.rotary, input_ids, cache,
                               position_ids, tree_mask, self.dtype)
-        hidden = self.run_layers(self.project(input_ids, features), step, cache)
+        kvs = [cache.layer(i) if cache is not None else None for i in range(len(self.layers))]
+        hidden = self.body(input_ids, features, step, kvs)
+        if cache is not None:
+            cache.advance(input_ids.shape[1])
         return DraftOutput(self.readout(hidden) if compute_logits else None, hidden)
 
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
@@ -162,33 +169,68 @@ class ScyllaDraft(DraftModel):
     """EAGLE-2-style draft with ``draft_n_layer`` layers, read out by the target's LM head."""
 
 
+class Eagle3Layer(nn.Module):
+    """EAGLE-3's decoder layer: attention over the 2H concatenation of the normed embedding and
+    the normed feature; the residual stream starts from the (un-normed) feature.
+
+    forward(embeds (B, K, H), hidden (B, K, H), step, kv=None) -> (B, K, H)
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        h = config.hidden_size
+        self.input_layernorm = RMSNorm(h, config.rms_norm_eps)  # on the token embedding
+        self.hidden_norm = RMSNorm(h, config.rms_norm_eps)  # on the feature
+        self.self_attn = Attention(config)
+        width = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
+        self.self_attn.qkv_proj = Linear(2 * h, width, bias=config.attention_bias)
+        self.post_attention_layernorm = RMSNorm(h, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, step: AttentionStep,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        x = torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)  # 2H
+        h = hidden + self.self_attn(x, step, kv)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
 class Eagle3Draft(DraftModel):
-    """EAGLE-3-style draft: fused low/mid/high target features, own norm and LM head."""
+    """EAGLE-3 draft (one layer) as the engines serve it; see the module docstring."""
 
     def __init__(self, spec: DraftSpec, embed_weight: torch.Tensor,
                  target_head_weight: torch.Tensor, d2t: torch.Tensor | None):
+        if spec.draft_n_layer != 1:
+            raise ConfigError(f"draft_n_layer={spec.draft_n_layer}: an eagle3 draft has exactly "
+                              "one layer (vLLM and SGLang disagree on how to serve more)")
         super().__init__(spec, embed_weight, target_head_weight, d2t)
         hidden = spec.target.hidden_size
-        self.fuse = nn.Linear(len(spec.feature_layers) * hidden, hidden, bias=False)
+        self.fc = nn.Linear(len(spec.feature_layers) * hidden, hidden, bias=False)
+        self.layers = nn.ModuleList([Eagle3Layer(spec.layer_config)])
         self.norm = RMSNorm(hidden, spec.layer_config.rms_norm_eps)
         self.lm_head = nn.Linear(hidden, spec.vocab_size, bias=False)
         with torch.no_grad():
             self.lm_head.weight.copy_(target_head_weight)
 
     def input_feature(self, features: torch.Tensor) -> torch.Tensor:
-        """Target features (B, K, 3H) are fused; the draft's own hidden (B, K, H) passes."""
+        """Target features (B, K, 3H) are fused by ``fc``; the draft's own hidden (B, K, H)
+        passes (the engines' rule: fuse when the width differs from the embedding's)."""
         hidden = self.spec.target.hidden_size
         features = features.to(self.dtype)
         if features.shape[-1] == hidden:
             return features
-        if features.shape[-1] != self.fuse.in_features:
-            raise ConfigError(f"eagle3 draft expects features of width {self.fuse.in_features} "
+        if features.shape[-1] != self.fc.in_features:
+            raise ConfigError(f"eagle3 draft expects features of width {self.fc.in_features} "
                               f"(layers {self.feature_layers}) or {hidden}, got "
                               f"{features.shape[-1]}")
-        return self.fuse(features)
+        return self.fc(features)
 
     def readout(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden))
+
+    def body(self, input_ids: torch.Tensor, features: torch.Tensor, step: AttentionStep,
+             kvs: list[Any]) -> torch.Tensor:
+        embeds = F.embedding(input_ids, self.embed_weight).to(self.dtype)  # (B, K, H)
+        return self.layers[0](embeds, self.input_feature(features), step, kvs[0])
 
 
 KINDS: dict[str, type[DraftModel]] = {"scylla": ScyllaDraft, "eagle3": Eagle3Draft}

@@ -62,14 +62,11 @@ def unroll(draft: DraftModel, input_ids: torch.Tensor, features: torch.Tensor, s
     kv: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(draft.layers)
     out = []
     for k in range(steps):
-        x = draft.project(shift(input_ids, 1 + k, n), feats if k == 0 else out[-1])
-        step = unroll_step(draft, n, k, batch, device)
-        for i, layer in enumerate(draft.layers):
-            # fresh buffers each step (cat, not in-place growth): autograd keeps the keys
-            # earlier steps saved intact
-            prev = kv[i]
-            kv[i] = (empty.clone(), empty.clone()) if prev is None else (
-                torch.cat([prev[0], empty], dim=2), torch.cat([prev[1], empty], dim=2))
-            x = layer(x, step, kv[i])
-        out.append(x)
+        # fresh buffers each step (cat, not in-place growth): autograd keeps the keys earlier
+        # steps saved intact
+        kv = [(empty.clone(), empty.clone()) if prev is None else (
+            torch.cat([prev[0], empty], dim=2), torch.cat([prev[1], empty], dim=2))
+            for prev in kv]
+        out.append(draft.body(shift(input_ids, 1 + k, n), feats if k == 0 else out[-1],
+                              unroll_step(draft, n, k, batch, device), kv))
     return out
