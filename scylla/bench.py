@@ -154,16 +154,17 @@ def encode_prompts(tokenizer: Any, prompts: list[Any], context: int, max_new_tok
 
 
 def measure(bench: Bench, cfg: DecodeConfig, methods: list[str], ids: list[list[int]],
-            categories: list[str]) -> list[MethodReport]:
-    """Time each method on ``ids``; speed-up against ``plain`` and exactness against greedy."""
+            categories: list[str], plain: DecodeResult | None = None) -> list[MethodReport]:
+    """Time each method on ``ids``; speed-up against ``plain`` and exactness against greedy.
+
+    plain: a timed ``plain`` result on the same ids and config, when the caller has one."""
     results = {m: bench.timed(m, ids, cfg) for m in methods}
     greedy = cfg.temperature == 0
-    reference = results.get("plain")
+    plain = results.get("plain", plain)
+    reference = plain
     if greedy and reference is None:
         reference = bench.run_method("plain", ids, cfg)
-    base_tps = None
-    if "plain" in results:
-        base_tps = results["plain"].new_tokens / results["plain"].seconds["total"]
+    base_tps = plain.new_tokens / plain.seconds["total"] if plain is not None else None
     reports = []
     for m, r in results.items():
         tps = r.new_tokens / r.seconds["total"]
@@ -216,21 +217,26 @@ def run_batch_sweep(spec: TargetSpec, cfg: DecodeConfig, prompts: list[Any],
     bench = Bench.load(spec, draft_path)
     ids = encode_prompts(bench.target.tokenizer, prompts,
                          bench.target.model.config.max_position_embeddings, cfg.max_new_tokens)
-    cats = [p.category for p in prompts]
+    rows = batch_sweep(bench, cfg, ids, [p.category for p in prompts], batch_sizes, top_ks)
+    return {**describe(bench, spec, cfg, prompts, draft_path), "sweep": rows}
+
+
+def batch_sweep(bench: Bench, cfg: DecodeConfig, ids: list[list[int]], categories: list[str],
+                batch_sizes: list[int], top_ks: list[int]) -> list[dict[str, Any]]:
     rows = []
     for b in batch_sizes:
         base = replace(cfg, decode_batch_size=b)
-        plain = measure(bench, base, ["plain"], ids, cats)[0]
+        plain = bench.timed("plain", ids, base)  # the baseline and the reference of every width
         for k in top_ks:
             tree_cfg = replace(base, tree_top_k=k)
-            tree = measure(bench, tree_cfg, ["tree"], ids, cats)[0]
+            tree = measure(bench, tree_cfg, ["tree"], ids, categories, plain=plain)[0]
             rows.append({"decode_batch_size": b, "tree_top_k": k,
                          "tree_total_tokens": cfg.tree_total_tokens,
-                         "plain_tokens_per_s": plain.tokens_per_s,
+                         "plain_tokens_per_s": plain.new_tokens / plain.seconds["total"],
                          "tree_tokens_per_s": tree.tokens_per_s, "tau": tree.tau,
-                         "speedup": tree.tokens_per_s / plain.tokens_per_s,
-                         "exact_match": tree.exact_match})
-    return {**describe(bench, spec, cfg, prompts, draft_path), "sweep": rows}
+                         "speedup": tree.speedup, "exact_match": tree.exact_match,
+                         "seconds_split": tree.seconds_split})
+    return rows
 
 
 def format_sweep(report: dict[str, Any]) -> str:
@@ -343,6 +349,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "and tree throughput per batch size for each --sweep-top-k.")
     parser.add_argument("--sweep-top-k", default="1,2,4,8",
                         help="tree_top_k values (tree widths) for --sweep-batch.")
+    parser.add_argument("--forward-cost", default=None,
+                        help="Comma-separated token counts, e.g. 1,2,4,8,16: time one target "
+                             "forward (and one draft forward, with --draft) of k new tokens on "
+                             "a --context-token cache instead of decoding; sizes trees.")
+    parser.add_argument("--context", type=int, default=256,
+                        help="Cached tokens for --forward-cost.")
     add_dataclass_args(parser, TargetSpec)
     add_dataclass_args(parser, DecodeConfig, skip=("method",))
 
@@ -367,6 +379,39 @@ def load_bench_prompts(path: str | None, num_prompts: int) -> list[Any]:
     return load_prompts(Path(path), num_prompts=num_prompts)
 
 
+def run_forward_cost(spec: TargetSpec, args: argparse.Namespace) -> int:
+    from scylla.decoding.forward_cost import forward_cost, format_forward_cost
+
+    if args.context < 1:
+        raise ConfigError(f"--context={args.context}: must be >= 1")
+    bench = Bench.load(spec, args.draft)
+    ks = int_list("--forward-cost", args.forward_cost)
+    limit = bench.target.model.config.max_position_embeddings
+    if args.context + max(ks) > limit:
+        raise ConfigError(f"--context={args.context} plus k={max(ks)} exceeds the target's "
+                          f"context window of {limit} tokens")
+    rows = forward_cost(bench.target.model, ks, args.context, bench.draft)
+    report = {"machine": machine_description(), "target": spec.target, "draft": args.draft,
+              "context": args.context, "threads": torch.get_num_threads(), "forward_cost": rows}
+    print(format_forward_cost(rows, args.context))
+    if not args.no_mlflow:
+        import mlflow
+
+        from scylla.tracking import stage_run
+
+        params = {**as_params(spec), "context": args.context, "draft": args.draft or ""}
+        with stage_run("forward_cost", params, run_name="forward-cost"):
+            for r in rows:
+                mlflow.log_metric("forward_cost/target_ms", r["target_ms"], step=r["k"])
+                if "draft_ms" in r:
+                    mlflow.log_metric("forward_cost/draft_ms", r["draft_ms"], step=r["k"])
+            mlflow.set_tag("machine", report["machine"])
+            mlflow.log_dict(report, "forward_cost.json")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from scylla.cli import dataclass_from_args
 
@@ -378,6 +423,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     check_methods(methods)
+    if args.forward_cost:
+        return run_forward_cost(spec, args)
     prompts = load_bench_prompts(args.prompts, args.num_prompts)
     if args.sweep_batch:
         report = run_batch_sweep(spec, cfg, prompts, int_list("--sweep-batch", args.sweep_batch),

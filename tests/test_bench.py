@@ -3,19 +3,24 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from scylla.bench import Bench, compare, encode_prompts, format_table, measure
+from scylla.bench import (Bench, batch_sweep, compare, encode_prompts, format_sweep,
+                          format_table, measure)
 from scylla.cli import main
 from scylla.config import DecodeConfig
 from scylla.data.prompts import Prompt
+from scylla.decoding.forward_cost import forward_cost, format_forward_cost
 from scylla.decoding.result import DecodeResult, RowStats
 from scylla.errors import DataError
 from scylla.modeling import LlamaFamilyModel
+
+from decoding_fixtures import random_draft
 
 
 USER_DATA_DIR = os.environ.get("SCYLLA_DATA_DIR")  # read before fixtures isolate it
@@ -63,12 +68,47 @@ def test_mismatch_is_reported_with_its_logit_gap(tiny_bench):
 def test_table_shows_methods_and_categories(tiny_bench):
     cfg = DecodeConfig(max_new_tokens=4)
     reports = measure(tiny_bench, cfg, ["plain"], [[1, 4, 5], [1, 6]], ["qa", "rag"])
-    from dataclasses import asdict
-
     text = format_table({"machine": "m", "target": "tiny", "dtype": "float32", "device": "cpu",
                          "num_prompts": 2, "config": asdict(cfg),
                          "methods": [asdict(r) for r in reports]})
     assert "plain" in text and "qa" in text and "rag" in text and "yes" in text
+
+
+def test_batch_sweep_times_plain_once_per_batch_size_and_every_tree_is_exact(tiny_bench):
+    bench = Bench(tiny_bench.target, random_draft(tiny_bench.target), tiny_bench.hf)
+    runs = []
+    timed = bench.timed
+    bench.timed = lambda m, ids, cfg: runs.append((m, cfg.decode_batch_size)) or timed(m, ids, cfg)
+    ids = [[1, 7, 8, 9], [1, 20, 21], [1, 30]]
+    cfg = DecodeConfig(max_new_tokens=6, tree_depth=2, tree_total_tokens=3)
+    rows = batch_sweep(bench, cfg, ids, ["a", "b", "a"], [1, 2], [1, 2])
+    assert runs == [("plain", 1), ("tree", 1), ("tree", 1), ("plain", 2), ("tree", 2),
+                    ("tree", 2)]
+    assert [(r["decode_batch_size"], r["tree_top_k"]) for r in rows] == [(1, 1), (1, 2),
+                                                                          (2, 1), (2, 2)]
+    assert all(r["exact_match"] and r["tau"] >= 1 for r in rows)
+    for r in rows:
+        assert r["speedup"] == pytest.approx(r["tree_tokens_per_s"] / r["plain_tokens_per_s"])
+    text = format_sweep({"machine": "m", "target": "tiny", "draft": "d", "num_prompts": 3,
+                         "config": asdict(cfg), "sweep": rows})
+    assert "best k" in text and len(text.splitlines()) == 4 + 2
+
+
+def test_forward_cost_times_each_k_and_leaves_the_caches_as_they_were(tiny_bench):
+    model = tiny_bench.target.model
+    draft = random_draft(tiny_bench.target)
+    lengths = []
+    new_cache = model.new_cache
+    model.new_cache = lambda b, n: lengths.append(new_cache(b, n)) or lengths[-1]
+    try:
+        rows = forward_cost(model, [1, 4], context=16, draft=draft, repeats=2)
+    finally:
+        del model.new_cache
+    assert [r["k"] for r in rows] == [1, 4]
+    assert all(r["target_ms"] > 0 and r["draft_ms"] > 0 for r in rows)
+    assert lengths[0].lengths.tolist() == [16]  # every timed forward was cut off again
+    text = format_forward_cost(rows, 16)
+    assert "16-token cache" in text and len(text.splitlines()) == 4
 
 
 @pytest.mark.real
