@@ -240,7 +240,8 @@ def test_import_checks_the_target(target, tmp_path):
 
 def test_save_pretrained_round_trip_and_model_card(target, tmp_path):
     draft = scylla_draft(target, True)
-    extra = {"train": {"train_tokens": 4096, "seed": 3, "lr": 3e-4}, "ttt_steps": 2}
+    extra = {"train": {"train_tokens": 4096, "seed": 3, "lr": 3e-4}, "ttt_steps": 2,
+             "corpus": "sharegpt"}
     draft.save_pretrained(tmp_path, extra=extra, metrics={"val/tau_chain": 1.875}, bench=BENCH)
     assert {p.name for p in tmp_path.iterdir()} == {"draft.json", "draft.safetensors",
                                                      "README.md"}
@@ -251,7 +252,8 @@ def test_save_pretrained_round_trip_and_model_card(target, tmp_path):
     assert card.startswith("---\nlibrary_name: scylla\n")
     for text in ["`tiny`", "`scylla`", "| draft layers | 2 |",
                  f"pruned to {VOCAB} of the target's 256",
-                 f"| trainable parameters | {draft.draft_params:,} |", "| `train_tokens` | 4096 |",
+                 f"| trainable parameters | {draft.draft_params:,} |", "| `corpus` | sharegpt |",
+                 "| `train_tokens` | 4096 |",
                  "| `ttt_steps` | 2 |", "| `val/tau_chain` | 1.875 |",
                  "| category | `plain` | `tree` |", "| coding | 1.00 | 2.50 |",
                  "| **all** | 1.00 | 2.25 |"]:

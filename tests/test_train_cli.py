@@ -98,6 +98,8 @@ def test_hidden_states_then_train_log_their_stages(workspace, tmp_path, capsys, 
     assert tr.data.tags["draft"].endswith("draft")
     result = json.loads((tmp_path / "draft" / "result.json").read_text())
     assert result["draft_params"] == int(p["draft_params"])
+    card = (tmp_path / "draft" / "draft" / "README.md").read_text()  # the checkpoint's card
+    assert f"| `corpus` | {workspace / 'chats.jsonl'} |" in card
     capsys.readouterr()
     assert main(train_args(workspace, shards, tmp_path / "draft")) == 0  # reported, not rerun
     assert "already trained" in capsys.readouterr().out and len(runs("train")) == 1

@@ -18,7 +18,7 @@ from scylla.errors import DataError
 CARD = "README.md"
 TRAIN_RESULT = "result.json"  # written by `scylla train` in the directory holding draft/
 # the training record worth a reader's time, in this order (all of TrainConfig is in extra)
-TRAIN_FIELDS = ("train_tokens", "pretrain_tokens", "val_tokens", "epochs", "train_batch_size",
+TRAIN_FIELDS = ("corpus", "train_tokens", "pretrain_tokens", "val_tokens", "epochs", "train_batch_size",
                 "max_seq_len", "lr", "ttt_steps", "seed", "online")
 ALGORITHMS = {"eagle": ("eagle", "EAGLE"), "eagle3": ("eagle3", "EAGLE3")}  # vLLM, SGLang
 
@@ -85,6 +85,8 @@ def _training(spec: DraftSpec, metrics: dict[str, float]) -> list[str]:
     train = dict(spec.extra.get("train", {}))
     if "ttt_steps" in spec.extra:  # the resolved value (TrainConfig's 0 means the kind's default)
         train["ttt_steps"] = spec.extra["ttt_steps"]
+    if spec.extra.get("corpus"):
+        train["corpus"] = spec.extra["corpus"]
     lines = ["## Training", ""]
     if not train:
         lines.append("The checkpoint records no training configuration.")

@@ -30,7 +30,6 @@ from scylla import paths
 from scylla.config import DraftConfig, TargetSpec, TrainConfig, as_params
 from scylla.data.hidden_states import (HiddenStatesConfig, feature_layer_indices, open_corpus,
                                        shard_root, slug)
-from scylla.drafts.checkpoint import save_draft
 from scylla.drafts.data import (DraftDataModule, SequenceSource, make_plan, online_features,
                                 prefix_length, shard_source, tokenized_source)
 from scylla.drafts.model import DraftModel, draft_spec, instantiate
@@ -210,11 +209,12 @@ def train_draft(target: Any, draft_cfg: DraftConfig, cfg: TrainConfig, train: Se
                 features: Callable[[dict, bool], dict] | None = None,
                 run_id: str | None = None, accelerator: str = "auto", devices: int = 1,
                 num_nodes: int = 1, strategy: str = "auto", progress: bool = True,
-                max_steps: int = -1) -> dict[str, Any]:
+                max_steps: int = -1, corpus: str = "") -> dict[str, Any]:
     """Train (or resume) a draft; returns its metrics, ``draft_params`` and the draft path.
 
     ``run_id``: an MLflow run to log into (MLFlowLogger, rank 0); ``max_steps`` stops early
-    (tests use it to simulate a kill: the checkpoint then resumes the same plan).
+    (tests use it to simulate a kill: the checkpoint then resumes the same plan); ``corpus``
+    names the training data in the checkpoint's record (the model card shows it).
     """
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -259,9 +259,11 @@ def train_draft(target: Any, draft_cfg: DraftConfig, cfg: TrainConfig, train: Se
     result.update(draft_params=draft.draft_params, steps=trainer.global_step,
                   planned_steps=len(plan.batches), plan=plan.digest)
     if trainer.is_global_zero and trainer.global_step >= len(plan.batches):
-        extra = {"train": as_params(cfg), "draft": as_params(draft_cfg),
+        extra = {"train": as_params(cfg), "draft": as_params(draft_cfg), "corpus": corpus,
                  "ttt_steps": ttt_steps_of(cfg, draft_cfg.kind), "plan": plan.digest}
-        result["draft"] = str(save_draft(draft, out / "draft", extra))
+        metrics = {k: v for k, v in result.items() if k.startswith(("train/", "val/"))}
+        # the checkpoint plus its model card (target, data, budgets, validation metrics)
+        result["draft"] = str(draft.save_pretrained(out / "draft", extra, metrics))
     return result
 
 
@@ -329,7 +331,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         train, val = shard_sources(resolve_shard_root(data, target, layers), target, cfg, layers)
         features = None
-    kwargs = dict(features=features, progress=not args.no_progress, **placement)
+    kwargs = dict(features=features, progress=not args.no_progress, corpus=data.corpus,
+                  **placement)
     child_run = os.environ.get(RUN_ENV)
     # a DDP rank started by Lightning (logs into rank 0's run), a rank > 0 started by a
     # cluster launcher (rank 0 logs), or no tracking
