@@ -4,7 +4,9 @@ Each method gets one untimed warm-up call, then decodes every prompt. Reported p
 tokens/s, new tokens, target forwards, τ (new tokens / target forwards), speed-up over
 ``plain`` measured in the same run, and whether its tokens equal plain greedy decoding exactly
 (at T=0). A mismatch is shown with the target's top-1/top-2 logit gap where the outputs first
-differ: a gap near zero is a numerical near-tie, anything else is a bug.
+differ: a gap near zero is a numerical near-tie, anything else is a bug. Our methods run as a
+Lightning test loop (``scylla.decoding.evaluation``) on the target's device; the transformers
+peers call ``generate``.
 """
 from __future__ import annotations
 
@@ -98,6 +100,8 @@ class Bench:
     def __init__(self, target: Any, draft: Any = None, hf_loader: Any = None):
         self.target = target
         self.draft = draft
+        # Lightning's accelerator for our methods: the one the target was loaded on
+        self.accelerator = {"cuda": "gpu"}.get(target.device.type, target.device.type)
         self._hf_loader = hf_loader
         self._hf_model = None
 
@@ -127,9 +131,13 @@ class Bench:
 
             return hf_generate(self.hf(), self.target.tokenizer, prompts, cfg,
                                self.target.eos_token_ids, assisted_pld=method != "hf")
-        from scylla.decoding import METHODS
+        from scylla.decoding.evaluation import evaluate
 
-        return METHODS[method](self.target, prompts, replace(cfg, method=method), self.draft)
+        # a Lightning test loop with all prompts in one step, so that continuous batching
+        # spans them all; the result's timing is the decoder's own clock
+        result, _ = evaluate(self.target, prompts, replace(cfg, method=method), self.draft,
+                             prompts_per_step=len(prompts), accelerator=self.accelerator)
+        return result
 
     def timed(self, method: str, prompts: list[list[int]], cfg: DecodeConfig) -> DecodeResult:
         warm = replace(cfg, max_new_tokens=min(8, cfg.max_new_tokens))

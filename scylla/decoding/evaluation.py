@@ -9,6 +9,7 @@ all steps (``scylla.decoding.metrics``), overall and per category.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import lightning as L
@@ -95,9 +96,16 @@ def evaluate(target: Any, prompts: list[list[int]], cfg: DecodeConfig,
     categories = categories or ["all"] * len(prompts)
     module = DecodeEvaluation(target, prompts, categories, cfg, draft)
     data = PromptData(len(prompts), prompts_per_step or 4 * cfg.decode_batch_size)
-    trainer = L.Trainer(accelerator=accelerator, devices=1, logger=logger,
-                        enable_checkpointing=False, enable_model_summary=False,
-                        enable_progress_bar=False)
-    with torch.inference_mode():
-        out = trainer.test(module, datamodule=data, verbose=False)
+    # Lightning's banner (available accelerators, tips) on every call would bury a bench's table
+    banner = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = banner.level
+    banner.setLevel(logging.WARNING)
+    try:
+        trainer = L.Trainer(accelerator=accelerator, devices=1, logger=logger,
+                            enable_checkpointing=False, enable_model_summary=False,
+                            enable_progress_bar=False)
+        with torch.inference_mode():
+            out = trainer.test(module, datamodule=data, verbose=False)
+    finally:
+        banner.setLevel(level)
     return module.result(), out[0] if out else {}
