@@ -162,11 +162,17 @@ def encode_prompts(tokenizer: Any, prompts: list[Any], context: int, max_new_tok
 
 
 def measure(bench: Bench, cfg: DecodeConfig, methods: list[str], ids: list[list[int]],
-            categories: list[str], plain: DecodeResult | None = None) -> list[MethodReport]:
+            categories: list[str], plain: DecodeResult | None = None,
+            log: Callable[[str], None] = lambda line: None) -> list[MethodReport]:
     """Time each method on ``ids``; speed-up against ``plain`` and exactness against greedy.
 
-    plain: a timed ``plain`` result on the same ids and config, when the caller has one."""
-    results = {m: bench.timed(m, ids, cfg) for m in methods}
+    plain: a timed ``plain`` result on the same ids and config, when the caller has one;
+    log: sees one line per method as it finishes (progress of a long bench)."""
+    results = {}
+    for i, m in enumerate(methods, start=1):
+        results[m] = r = bench.timed(m, ids, cfg)
+        log(f"[{i}/{len(methods)}] {m}: {r.new_tokens / r.seconds['total']:.1f} tok/s, "
+            f"tau {r.tau:.2f} ({r.seconds['total']:.0f} s)")
     greedy = cfg.temperature == 0
     plain = results.get("plain", plain)
     reference = plain
@@ -207,13 +213,14 @@ def check_methods(methods: list[str]) -> None:
 
 
 def run_bench(spec: TargetSpec, cfg: DecodeConfig, methods: list[str], prompts: list[Any],
-              draft_path: str | None = None, bench: Bench | None = None) -> dict[str, Any]:
+              draft_path: str | None = None, bench: Bench | None = None,
+              log: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
     """Measure ``methods`` on ``prompts``; ``bench`` reuses loaded models across calls."""
     check_methods(methods)
     bench = bench or Bench.load(spec, draft_path)
     ids = encode_prompts(bench.target.tokenizer, prompts,
                          bench.target.model.config.max_position_embeddings, cfg.max_new_tokens)
-    reports = measure(bench, cfg, methods, ids, [p.category for p in prompts])
+    reports = measure(bench, cfg, methods, ids, [p.category for p in prompts], log=log)
     return {**describe(bench, spec, cfg, prompts, draft_path),
             "methods": [asdict(r) for r in reports]}
 
@@ -225,12 +232,19 @@ def run_batch_sweep(spec: TargetSpec, cfg: DecodeConfig, prompts: list[Any],
     bench = Bench.load(spec, draft_path)
     ids = encode_prompts(bench.target.tokenizer, prompts,
                          bench.target.model.config.max_position_embeddings, cfg.max_new_tokens)
-    rows = batch_sweep(bench, cfg, ids, [p.category for p in prompts], batch_sizes, top_ks)
+    rows = batch_sweep(bench, cfg, ids, [p.category for p in prompts], batch_sizes, top_ks,
+                       log=lambda r: print(f"batch {r['decode_batch_size']:>3} tree_top_k "
+                                           f"{r['tree_top_k']}: {r['tree_tokens_per_s']:.1f} "
+                                           f"tok/s (plain {r['plain_tokens_per_s']:.1f}), "
+                                           f"tau {r['tau']:.2f}", flush=True))
     return {**describe(bench, spec, cfg, prompts, draft_path), "sweep": rows}
 
 
 def batch_sweep(bench: Bench, cfg: DecodeConfig, ids: list[list[int]], categories: list[str],
-                batch_sizes: list[int], top_ks: list[int]) -> list[dict[str, Any]]:
+                batch_sizes: list[int], top_ks: list[int],
+                log: Callable[[dict[str, Any]], None] = lambda row: None
+                ) -> list[dict[str, Any]]:
+    """One row per (batch size, width); ``log`` sees each row as it is measured."""
     rows = []
     for b in batch_sizes:
         base = replace(cfg, decode_batch_size=b)
@@ -244,6 +258,7 @@ def batch_sweep(bench: Bench, cfg: DecodeConfig, ids: list[list[int]], categorie
                          "tree_tokens_per_s": tree.tokens_per_s, "tau": tree.tau,
                          "speedup": tree.speedup, "exact_match": tree.exact_match,
                          "seconds_split": tree.seconds_split})
+            log(rows[-1])
     return rows
 
 
@@ -443,7 +458,8 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=1))
         return 0
-    report = run_bench(spec, cfg, methods, prompts, args.draft)
+    report = run_bench(spec, cfg, methods, prompts, args.draft,
+                       log=lambda line: print(line, flush=True))
     if not args.no_mlflow:
         log_to_mlflow(report, spec)
     print(format_table(report))

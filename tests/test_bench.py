@@ -45,7 +45,10 @@ def test_hf_and_plain_agree_and_report_tau_one(tiny_bench):
     ids = [[1] + torch.randint(3, 128, (n,), generator=g).tolist() for n in (5, 9, 3, 7)]
     for batch in (1, 3):
         cfg = DecodeConfig(max_new_tokens=12, decode_batch_size=batch)
-        reports = measure(tiny_bench, cfg, ["hf", "plain"], ids, ["a", "b", "a", "b"])
+        lines = []
+        reports = measure(tiny_bench, cfg, ["hf", "plain"], ids, ["a", "b", "a", "b"],
+                          log=lines.append)
+        assert [line.split(":")[0] for line in lines] == ["[1/2] hf", "[2/2] plain"]
         by = {r.method: r for r in reports}
         assert by["hf"].exact_match and by["plain"].exact_match
         assert by["hf"].new_tokens == by["plain"].new_tokens > 0
@@ -81,7 +84,9 @@ def test_batch_sweep_times_plain_once_per_batch_size_and_every_tree_is_exact(tin
     bench.timed = lambda m, ids, cfg: runs.append((m, cfg.decode_batch_size)) or timed(m, ids, cfg)
     ids = [[1, 7, 8, 9], [1, 20, 21], [1, 30]]
     cfg = DecodeConfig(max_new_tokens=6, tree_depth=2, tree_total_tokens=3)
-    rows = batch_sweep(bench, cfg, ids, ["a", "b", "a"], [1, 2], [1, 2])
+    seen = []
+    rows = batch_sweep(bench, cfg, ids, ["a", "b", "a"], [1, 2], [1, 2], log=seen.append)
+    assert seen == rows
     assert runs == [("plain", 1), ("tree", 1), ("tree", 1), ("plain", 2), ("tree", 2),
                     ("tree", 2)]
     assert [(r["decode_batch_size"], r["tree_top_k"]) for r in rows] == [(1, 1), (1, 2),
