@@ -171,17 +171,17 @@ def measure(bench: Bench, cfg: DecodeConfig, methods: list[str], ids: list[list[
     results = {}
     for i, m in enumerate(methods, start=1):
         results[m] = r = bench.timed(m, ids, cfg)
-        log(f"[{i}/{len(methods)}] {m}: {r.new_tokens / r.seconds['total']:.1f} tok/s, "
+        log(f"[{i}/{len(methods)}] {m}: {r.tokens_per_s:.1f} tok/s, "
             f"tau {r.tau:.2f} ({r.seconds['total']:.0f} s)")
     greedy = cfg.temperature == 0
     plain = results.get("plain", plain)
     reference = plain
     if greedy and reference is None:
         reference = bench.run_method("plain", ids, cfg)
-    base_tps = plain.new_tokens / plain.seconds["total"] if plain is not None else None
+    base_tps = plain.tokens_per_s if plain is not None else None
     reports = []
     for m, r in results.items():
-        tps = r.new_tokens / r.seconds["total"]
+        tps = r.tokens_per_s
         mism = compare(r, reference, ids, bench.hf) if greedy else []
         reports.append(MethodReport(
             method=m, tokens_per_s=tps, new_tokens=r.new_tokens,
@@ -254,7 +254,7 @@ def batch_sweep(bench: Bench, cfg: DecodeConfig, ids: list[list[int]], categorie
             tree = measure(bench, tree_cfg, ["tree"], ids, categories, plain=plain)[0]
             rows.append({"decode_batch_size": b, "tree_top_k": k,
                          "tree_total_tokens": cfg.tree_total_tokens,
-                         "plain_tokens_per_s": plain.new_tokens / plain.seconds["total"],
+                         "plain_tokens_per_s": plain.tokens_per_s,
                          "tree_tokens_per_s": tree.tokens_per_s, "tau": tree.tau,
                          "speedup": tree.speedup, "exact_match": tree.exact_match,
                          "seconds_split": tree.seconds_split})

@@ -55,3 +55,8 @@ class DecodeResult:
     def tau(self) -> float:
         """Mean accepted length: new tokens / target verification forwards (bonus included)."""
         return self.new_tokens / max(1, self.target_forwards)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """New tokens over the call's total wall-clock seconds."""
+        return self.new_tokens / self.seconds["total"]

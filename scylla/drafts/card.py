@@ -18,8 +18,8 @@ from scylla.errors import DataError
 CARD = "README.md"
 TRAIN_RESULT = "result.json"  # written by `scylla train` in the directory holding draft/
 # the training record worth a reader's time, in this order (all of TrainConfig is in extra)
-TRAIN_FIELDS = ("corpus", "train_tokens", "pretrain_tokens", "val_tokens", "epochs", "train_batch_size",
-                "max_seq_len", "lr", "ttt_steps", "seed", "online")
+TRAIN_FIELDS = ("corpus", "train_tokens", "pretrain_tokens", "val_tokens", "epochs",
+                "train_batch_size", "max_seq_len", "lr", "ttt_steps", "seed", "online")
 ALGORITHMS = {"eagle": ("eagle", "EAGLE"), "eagle3": ("eagle3", "EAGLE3")}  # vLLM, SGLang
 
 

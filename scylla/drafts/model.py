@@ -6,8 +6,9 @@ position t; the output ``hidden`` at t predicts x_{t+2}. For further draft steps
 
 - ``ScyllaDraft`` (EAGLE-2 style, the paper's draft): the feature is the target's post-norm top
   hidden state, projected with the embedding by ``fc([embed(x); feature]) : 2H -> H`` into
-  ``draft_n_layer`` of our ``DecoderLayer``s; ``hidden`` is regressed onto the target's next feature and read out by the
-  target's frozen LM head (no norm in between, as the target's feature is already normed).
+  ``draft_n_layer`` of our ``DecoderLayer``s; ``hidden`` is regressed onto the target's next
+  feature and read out by the target's frozen LM head (no norm in between, as the target's
+  feature is already normed).
 - ``Eagle3Draft`` (the strongest public baseline), EAGLE-3 exactly as vLLM and SGLang serve it, so
   that ``scylla export --format eagle3`` writes it unchanged: one layer; the feature is the
   target's low / middle / high hidden states fused by ``fc : 3H -> H`` (the draft's own hidden
