@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from drafts_fixtures import header, synthetic_examples, tiny_target
 from scylla.config import DraftConfig, TrainConfig
 from scylla.data.hidden_states import build_shards
-from scylla.drafts import load_draft
+from scylla.drafts import instantiate, load_draft
 from scylla.drafts.data import (PlanSampler, collate, make_plan, online_features,
                                 shard_source, tokenized_source)
 from scylla.drafts.objective import chain_counts, objective
@@ -107,7 +107,9 @@ def test_training_learns_logs_to_mlflow_and_saves_a_loadable_draft(target, shard
                  "train/tokens_seen", "val/top1_acc", "val/tau_chain", "val/alpha_at_3"):
         assert name in data.metrics, name
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")]
-    assert len(losses) >= 5 and losses[-1] < 0.9 * losses[0]
+    # the train loss falls (from a start already at fc alone; the held-out check below is the
+    # strict one)
+    assert len(losses) >= 5 and losses[-1] < 0.95 * losses[0]
     seen = [m.value for m in client.get_metric_history(run.info.run_id, "train/tokens_seen")]
     assert seen == sorted(seen) and seen[-1] >= TRAIN
     assert 1.0 <= res["val/tau_chain"] <= 1.0 + 3
@@ -180,6 +182,23 @@ def test_pruned_vocabulary_trains_and_keeps_eos(target, shards, tmp_path):
     assert 0 < res["val/top1_acc"] < 1
     full = new_draft(target, DraftConfig(), config(), None)
     assert res["draft_params"] == full.draft_params  # the frozen head is never a parameter
+
+
+def test_training_starts_a_scylla_draft_of_any_depth_from_its_projection(target):
+    """new_draft zeroes each layer's residual-branch output: the untrained draft's hidden is
+    its fc projection, the zeroed weights still get gradients, and instantiate alone keeps
+    random layers (the cache and mask tests need them)."""
+    ids = torch.randint(3, 256, (2, 7))
+    feats = target.model(ids).last_hidden
+    draft = new_draft(target, DraftConfig(draft_n_layer=3), config(), None)
+    out = draft(ids, feats)
+    assert torch.equal(out.hidden, draft.project(ids, feats))
+    out.hidden.square().sum().backward()
+    for layer in draft.layers:
+        assert layer.self_attn.o_proj.weight.grad.abs().sum() > 0
+        assert layer.mlp.down_proj.weight.grad.abs().sum() > 0
+    random = instantiate(draft.spec, target)
+    assert not torch.allclose(random(ids, feats).hidden, random.project(ids, feats))
 
 
 def test_two_stages_pretrain_then_sft(target, shards, tmp_path):

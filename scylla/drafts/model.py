@@ -64,6 +64,11 @@ class DraftModel(nn.Module):
                                     for i in range(spec.draft_n_layer))
         self.rotary = RotaryEmbedding(spec.layer_config)
 
+    def init_for_training(self) -> None:
+        """Adjust the freshly built weights of a draft about to be trained (default: none).
+        ``instantiate`` alone keeps every weight random, which the tests of caches and masks
+        need."""
+
     @property
     def kind(self) -> str:
         return self.spec.kind
@@ -168,6 +173,18 @@ class DraftModel(nn.Module):
 
 class ScyllaDraft(DraftModel):
     """EAGLE-2-style draft with ``draft_n_layer`` layers, read out by the target's LM head."""
+
+    def init_for_training(self) -> None:
+        """Zero every layer's residual-branch output (attention ``o_proj``, MLP ``down_proj``):
+        training then starts from ``fc`` alone at any depth, and the zeroed weights still get
+        gradients. With PyTorch's default init the random layers drown the projected feature:
+        on SmolLM2-135M-Instruct + ShareGPT, 125k tokens, seed 0, 8 layers reached
+        val/tau_chain 1.125 with it and 1.191 with zeroed branches (1 layer: 1.179, 1.167)."""
+        for layer in self.layers:
+            for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                nn.init.zeros_(proj.weight)
+                if proj.bias is not None:
+                    nn.init.zeros_(proj.bias)
 
 
 class Eagle3Layer(nn.Module):

@@ -135,7 +135,9 @@ def new_draft(target: Any, draft_cfg: DraftConfig, cfg: TrainConfig,
     spec = draft_spec(draft_cfg.kind, draft_cfg.draft_n_layer, target,
                       draft_cfg.draft_vocab_size, draft_cfg.feature_layers)
     torch.manual_seed(cfg.seed)  # the draft's initial weights are a function of the seed
-    return instantiate(spec, target, d2t).float()
+    draft = instantiate(spec, target, d2t).float()
+    draft.init_for_training()
+    return draft
 
 
 def default_out(target: Any, params: dict[str, Any], draft_cfg: DraftConfig,
