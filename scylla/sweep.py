@@ -51,10 +51,21 @@ def fit_call(fit: dict[str, Any], source: str, experiment: str, simulated: bool)
                      key_extra={"inputs": inputs_digest(select_runs(spec))})
 
 
+# Stage params naming files the stage reads (paths relative to the repository root, where
+# sweeps run); checked with the flags so that a missing file fails the sweep before it runs.
+INPUT_FILE_PARAMS = ("prompts",)
+
+
 def _check_flags(spec: SweepSpec, profile: str) -> None:
-    """Parse every stage's flags before anything runs: a typo in the last stage of a long
-    sweep should fail now, not after hours."""
+    """Parse every stage's flags and find its input files before anything runs: a typo or a
+    missing file in the last stage of a long sweep should fail now, not after hours."""
     for plan in spec.profile(profile).stages.values():
+        for point in plan.points():
+            for key in INPUT_FILE_PARAMS:
+                if key in point.params and not Path(point.params[key]).is_file():
+                    raise ConfigError(
+                        f"{spec.path}: {plan.stage} {key}={point.params[key]}: no such file "
+                        f"(relative paths start at the repository root, {Path.cwd()})")
         for point in plan.points()[:1]:
             call = StageCall(plan.stage, point.params, "check")
             parse_stage_args(plan.stage, stage_args(call, create=False))
@@ -112,8 +123,13 @@ def run_sweep(spec: SweepSpec, profile: str, *, simulate: bool = False,
 
 def run_all(profile: str, *, simulate: bool = False, log: Callable[[str], None] = print
             ) -> list[SweepResult]:
-    """Every sweep file's ``profile`` (the main job's reproduction)."""
-    return [run_sweep(load_sweep(p), profile, simulate=simulate, log=log) for p in sweep_paths()]
+    """Every sweep file's ``profile`` (the main job's reproduction), every file's flags
+    checked before the first runs."""
+    specs = [load_sweep(p) for p in sweep_paths()]
+    if not simulate:
+        for spec in specs:
+            _check_flags(spec, profile)
+    return [run_sweep(spec, profile, simulate=simulate, log=log) for spec in specs]
 
 
 def reproduce(profile: str, report_dir: str | Path = "notebooks/report",

@@ -122,6 +122,28 @@ def test_unknown_profile_and_file():
         load_sweep("no_such_sweep")
 
 
+def test_a_missing_input_file_fails_every_sweep_before_any_runs(tmp_path, monkeypatch):
+    """The main job checks all sweep files first: a prompts file missing in the last sweep
+    fails at once, naming the file, before the first sweep spends minutes."""
+    from scylla import sweep
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    decode = "{decode: {params: {methods: plain, prompts: %s}}}"
+    good = write_sweep(tmp_path, "profiles: {quick: %s}" % (decode % prompts))
+    bad = good.with_name("bad.yaml")
+    bad.write_text("profiles: {quick: %s}" % (decode % (tmp_path / "gone.jsonl")))
+    started = []
+    monkeypatch.setattr(sweep, "sweep_paths", lambda: [good, bad])
+    monkeypatch.setattr(sweep, "run_sweep", lambda spec, *a, **k: started.append(spec.name))
+    with pytest.raises(ConfigError, match=r"bad.yaml: decode prompts=.*gone.jsonl: no such file"):
+        sweep.run_all("quick")
+    assert started == []
+    bad.write_text("profiles: {quick: %s}" % (decode % prompts))
+    sweep.run_all("quick")
+    assert started == ["tiny", "bad"]
+
+
 def test_flags_and_pairs():
     assert to_argv({"train_tokens": 10, "no_progress": True, "online": False, "draft": None}) == [
         "--train-tokens", "10", "--no-progress", "--no-online"]
