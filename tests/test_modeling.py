@@ -231,7 +231,10 @@ def test_real_smollm2_equals_hf():
     prefill = model(ids[:, :-3], cache=cache).logits
     steps = [model(ids[:, t: t + 1], cache=cache).logits
              for t in range(ids.shape[1] - 3, ids.shape[1])]
-    torch.testing.assert_close(torch.cat([prefill, *steps], 1), ref, atol=ATOL, rtol=0)
+    # 30 fp32 layers summed in another order (cached steps, our kernels) leave ~1e-4 on logits
+    # of magnitude ~15 (one of 1.8M elements reached 1.02e-4 on one machine): a relative term
+    # of 1e-5 (~80 ulps) absorbs that; a real bug (RoPE, masking, norms) moves logits by >0.1.
+    torch.testing.assert_close(torch.cat([prefill, *steps], 1), ref, atol=ATOL, rtol=1e-5)
 
 
 def test_linear_transposed_copy_tracks_weight_and_autograd():
