@@ -236,8 +236,9 @@ class Outcome:
 
 
 def execute(call: StageCall, invoke: Callable[[StageCall], None], takeover: bool = False,
-            parent_run_id: str | None = None) -> Outcome:
-    """Reuse ``call``'s complete attempt, or run ``invoke(call)`` as a new attempt.
+            parent_run_id: str | None = None, rerun: bool = False) -> Outcome:
+    """Reuse ``call``'s complete attempt, or run ``invoke(call)`` as a new attempt (``rerun``:
+    even when a complete one exists, e.g. its output is not on this machine).
 
     ``invoke`` runs the stage in this process; every run it opens through
     ``tracking.stage_run`` joins the attempt. Any exception (a kill by SIGTERM arrives as
@@ -245,7 +246,7 @@ def execute(call: StageCall, invoke: Callable[[StageCall], None], takeover: bool
     """
     start = time.perf_counter()
     runs = reusable(call, takeover)
-    if runs is not None:
+    if runs is not None and not rerun:
         return Outcome(runs, True, time.perf_counter() - start)
     attempt_id = uuid.uuid4().hex[:12]
     started_ms = int(time.time() * 1000)

@@ -14,17 +14,17 @@ import json
 import os
 import signal
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from scylla import tracking
 from scylla.errors import ConfigError
-from scylla.reuse import TAG, Outcome, StageCall, execute
+from scylla.reuse import TAG, Outcome, StageCall, execute, reusable
 from scylla.sweep_spec import (FIT_KEYS, STAGE_ORDER, SweepSpec, experiment_name,
                                load_sweep, sweep_paths)
 from scylla.sweep_dispatch import BACKENDS, Backend, dispatch
-from scylla.sweep_stages import invoke_stage, parse_stage_args, stage_args
+from scylla.sweep_stages import invoke_stage, output_gone, parse_stage_args, stage_args
 
 
 LAUNCHER_ENV = "MLFLOW_RUN_ID"  # set by `mlflow run` for the entry point's process
@@ -83,6 +83,33 @@ def run_sweep(spec: SweepSpec, profile: str, *, simulate: bool = False,
     if not simulate:
         _check_flags(spec, profile)
     upstream: list[Any] = [None]
+    made_by: dict[str, StageCall] = {}  # run id -> the call that made (or reused) the run
+    remade: dict[str, Any] = {}  # run id -> the run that replaced it (its output was gone)
+
+    def remake(run: Any) -> Any:
+        """A new run of the call behind ``run``, whose output is not on this machine."""
+        if run.info.run_id not in remade:
+            call = made_by[run.info.run_id]
+            if call.upstream is not None and output_gone(call.upstream):
+                call = replace(call, upstream=remake(call.upstream))
+            out = execute(call, invoke_stage, takeover=takeover, parent_run_id=parent_run_id,
+                          rerun=True)
+            log(f"[{spec.name}/{profile}] {call.stage}: the output of run {run.info.run_id} "
+                f"is not on this machine; ran it again in {out.seconds:.1f} s, "
+                f"run {out.runs[0].info.run_id}")
+            remade[run.info.run_id] = out.runs[0]
+        return remade[run.info.run_id]
+
+    def run_local(call: StageCall) -> Outcome:
+        # a reused upstream run made elsewhere (a cloned store, a cleared cache) is made again
+        # only when a call that is not reused needs its output
+        if (call.upstream is not None and output_gone(call.upstream)
+                and reusable(call, takeover) is None):
+            call = replace(call, upstream=remake(call.upstream))
+        out = execute(call, invoke_stage, takeover=takeover, parent_run_id=parent_run_id)
+        made_by[out.runs[0].info.run_id] = call
+        return out
+
     for stage in STAGE_ORDER:
         plan = prof.stages.get(stage)
         if plan is None:
@@ -92,9 +119,7 @@ def run_sweep(spec: SweepSpec, profile: str, *, simulate: bool = False,
                   for up in upstream for point in plan.points()]
         calls = [call for _, call in points]
         if backend is None:
-            outcomes: Iterable[Outcome] = (execute(call, invoke_stage, takeover=takeover,
-                                                   parent_run_id=parent_run_id)
-                                           for call in calls)
+            outcomes: Iterable[Outcome] = (run_local(call) for call in calls)
         else:  # the calls of one stage run on the backend, maybe side by side
             outcomes = dispatch(calls, backend, takeover=takeover)
         produced = []

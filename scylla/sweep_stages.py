@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from scylla.errors import ConfigError, DataError
@@ -48,6 +49,13 @@ def stage_module(stage: str) -> Any:
         raise ConfigError(f"stage {stage} runs `scylla {sub}`, which this checkout does not "
                           "have yet; `scylla sweep --simulate` checks the pipeline without it")
     return importlib.import_module(SUBCOMMANDS[sub][0])
+
+
+def output_gone(run: Any) -> bool:
+    """Whether the output ``run``'s stage tagged for downstream stages is missing here (the
+    run was made on another machine, or the cache was cleared)."""
+    tag = STAGES[run.data.tags["stage"]].output_tag
+    return bool(tag) and tag in run.data.tags and not Path(run.data.tags[tag]).exists()
 
 
 def stage_args(call: StageCall, create: bool = True) -> dict[str, Any]:

@@ -328,6 +328,37 @@ def test_a_killed_sweep_restarted_finishes_once_per_point(mlflow_store, tmp_path
     assert again.new == 0
 
 
+def test_outputs_gone_from_this_machine_are_made_again_only_when_needed(mlflow_store, tmp_path):
+    """A store cloned without its outputs (or a cleared cache): a sweep with nothing new reuses
+    every run; a new decode point makes its draft (and the draft its shards) again, once."""
+    import shutil
+
+    from scylla import paths
+
+    path = write_sweep(tmp_path, TINY)
+    first = run_sweep(load_sweep(path), "quick", simulate=True, log=lambda s: None)
+    shutil.rmtree(paths.data_dir())  # every shard and draft directory
+    again = run_sweep(load_sweep(path), "quick", simulate=True, log=lambda s: None)
+    assert again.new == 0 and again.reused == first.new + first.reused
+
+    path.write_text(TINY.replace("decode_batch_size: [1, 2]", "decode_batch_size: [1, 2, 4]"))
+    lines = []
+    grown = run_sweep(load_sweep(path), "quick", simulate=True, log=lines.append)
+    remade = [line for line in lines if "is not on this machine" in line]
+    assert sorted(line.split("]")[1].split(":")[0].strip() for line in remade) == [
+        "hidden_states", "train", "train", "train"]
+    # the three new decode points, and the fit, whose input runs are now the remade drafts;
+    # the remakes themselves are logged, not counted
+    assert grown.new == 4
+    runs = runs_of("tiny-quick-simulated")
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    assert sum(r.data.tags["stage"] == "train" for r in finished) == 6  # 3 made twice
+    assert sum(r.data.tags["stage"] == "decode" for r in finished) == 3 * 3 * 2
+    assert Path(paths.data_dir()).is_dir()
+    # the remade runs are now the ones reused
+    assert run_sweep(load_sweep(path), "quick", simulate=True, log=lambda s: None).new == 0
+
+
 # -- MLproject entry points ------------------------------------------------------------------------
 
 def test_stage_entry_reuses_under_a_launcher_run(mlflow_store, monkeypatch, tmp_path):
