@@ -33,7 +33,9 @@ test-slow: setup
 	  $$S apt-get update -q && $$S env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 	$(PY) -m pytest -m slow
 
+# The store records artifact paths of the checkout that made it: point them here first.
 mlflow-ui: setup
+	$(PY) -c "from scylla import tracking; tracking.mlflow_client_ready()"
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --default-artifact-root mlruns/artifacts
 
 clean-venv:

@@ -27,8 +27,12 @@ def mlruns_dir() -> Path:
     return root
 
 
+def project_store_uri() -> str:
+    return f"sqlite:///{mlruns_dir() / 'mlflow.db'}"
+
+
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{mlruns_dir() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or project_store_uri()
 
 
 def artifact_root() -> str:

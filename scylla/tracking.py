@@ -8,9 +8,13 @@ database behind ``mlflow server``; docs/scale-out.md): then the server places ar
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
+import re
+import sqlite3
+from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlparse
 
@@ -33,8 +37,37 @@ def mlflow_client_ready() -> Any:
 
     # Alembic/MLflow print their DB migrations at INFO on every first use of a store.
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    mlflow.set_tracking_uri(paths.tracking_uri())
+    uri = paths.tracking_uri()
+    if uri == paths.project_store_uri():
+        relocate_project_store(str(paths.mlruns_dir()))
+    mlflow.set_tracking_uri(uri)
     return mlflow
+
+
+@functools.cache
+def relocate_project_store(mlruns: str) -> None:
+    """Point the artifact locations in the project store ``<mlruns>/mlflow.db`` at ``mlruns``.
+
+    MLflow records every experiment's and run's artifact location as an absolute path, so a
+    store committed in one checkout and cloned to another would keep writing and showing
+    artifacts in the first one. MLflow has no API to move them: this rewrites the old
+    checkout's ``.../mlruns`` prefix in the store's two location columns (once per process).
+    """
+    db = Path(mlruns) / "mlflow.db"
+    if not db.is_file():
+        return
+    with contextlib.closing(sqlite3.connect(db, timeout=60)) as con, con:
+        locations = [row[0] for row in con.execute("SELECT artifact_location FROM experiments")]
+        old = {m.group(1) for loc in locations if loc
+               for m in [re.match(r"(?:file://)?(/.*?/mlruns)/", loc)] if m} - {mlruns}
+        for prefix in old:
+            for table, column in (("experiments", "artifact_location"), ("runs", "artifact_uri")):
+                # the prefix sits after an optional file:// scheme: replace its first occurrence
+                con.execute(f"UPDATE {table} SET {column} = substr({column}, 1, "
+                            f"instr({column}, ?) - 1) || ? || substr({column}, "
+                            f"instr({column}, ?) + ?) WHERE instr({column}, ?) > 0",
+                            (prefix + "/", mlruns + "/", prefix + "/", len(prefix) + 1,
+                             prefix + "/"))
 
 
 def experiment_id(name: str = DEFAULT_EXPERIMENT) -> str:

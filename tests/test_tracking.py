@@ -29,6 +29,33 @@ def test_default_store_is_sqlite_under_mlruns(monkeypatch, tmp_path):
     assert paths.tracking_uri() == f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
 
 
+def test_a_store_cloned_to_another_checkout_keeps_its_artifacts_there(monkeypatch, tmp_path):
+    """MLflow records artifact locations as absolute paths; the project store opened in a
+    clone at another path points its experiments and runs at the clone's mlruns/artifacts."""
+    import json
+    import shutil
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    first, clone = tmp_path / "first", tmp_path / "clone"
+    monkeypatch.setenv("SCYLLA_PROJECT_DIR", str(first))
+    with stage_run("train", {}) as old:
+        mlflow.log_dict({"made": "first"}, "draft.json")
+    shutil.copytree(first / "mlruns", clone / "mlruns")
+    shutil.rmtree(first)
+    monkeypatch.setenv("SCYLLA_PROJECT_DIR", str(clone))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # set_tracking_uri exports it
+    with stage_run("train", {}) as new:
+        mlflow.log_dict({"made": "clone"}, "draft.json")
+    assert not first.exists()
+    root = clone / "mlruns" / "artifacts" / "scylla"
+    assert (root / new.info.run_id / "artifacts" / "draft.json").is_file()
+    moved = mlflow.get_run(old.info.run_id).info.artifact_uri
+    assert moved == (root / old.info.run_id / "artifacts").as_uri()
+    got = mlflow.artifacts.download_artifacts(run_id=old.info.run_id, artifact_path="draft.json",
+                                              dst_path=str(tmp_path / "dl"))
+    assert json.loads(Path(got).read_text()) == {"made": "first"}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
