@@ -28,11 +28,12 @@ def mlruns_dir() -> Path:
 
 
 def project_store_uri() -> str:
-    return f"sqlite:///{mlruns_dir() / 'mlflow.db'}"
+    """The project's SQLite store (not created here: a tracking server may be in use)."""
+    return f"sqlite:///{project_dir() / 'mlruns' / 'mlflow.db'}"
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or project_store_uri()
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{mlruns_dir() / 'mlflow.db'}"
 
 
 def artifact_root() -> str:
