@@ -33,7 +33,10 @@ def project_store_uri() -> str:
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{mlruns_dir() / 'mlflow.db'}"
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    mlruns_dir()  # the store's directory exists before MLflow opens it
+    return project_store_uri()
 
 
 def artifact_root() -> str:

@@ -62,12 +62,8 @@ def relocate_project_store(mlruns: str) -> None:
                for m in [re.match(r"(?:file://)?(/.*?/mlruns)/", loc)] if m} - {mlruns}
         for prefix in old:
             for table, column in (("experiments", "artifact_location"), ("runs", "artifact_uri")):
-                # the prefix sits after an optional file:// scheme: replace its first occurrence
-                con.execute(f"UPDATE {table} SET {column} = substr({column}, 1, "
-                            f"instr({column}, ?) - 1) || ? || substr({column}, "
-                            f"instr({column}, ?) + ?) WHERE instr({column}, ?) > 0",
-                            (prefix + "/", mlruns + "/", prefix + "/", len(prefix) + 1,
-                             prefix + "/"))
+                con.execute(f"UPDATE {table} SET {column} = replace({column}, ?, ?)",
+                            (prefix + "/", mlruns + "/"))
 
 
 def experiment_id(name: str = DEFAULT_EXPERIMENT) -> str:
