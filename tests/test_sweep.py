@@ -43,7 +43,8 @@ def test_the_four_sweep_files_cover_what_the_issue_asks():
         assert len(tokens) >= 5 and math.log10(max(tokens) / min(tokens)) >= 1.5
         assert len(axis(t11, profile, "train", "seed")) >= 2
     t12 = load_sweep("theorem_1_2_capacity")
-    for profile in ("quick", "paper"):
+    assert {"quick", "paper"} <= set(t12.profiles)
+    for profile in t12.profiles:
         assert axis(t12, profile, "train", "draft_n_layer") == [1, 2, 3, 4, 6, 8]
         assert len(axis(t12, profile, "train", "seed")) >= 2
         assert len(axis(t12, profile, "train", "train_tokens")) == 1
