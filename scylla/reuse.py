@@ -1,10 +1,10 @@
 """Run reuse: a stage already run with the same params and code is not run again.
 
 A *call* (stage + params + upstream run + labels) has a ``point_key`` (what was asked) and a
-``run_key`` (what was asked, by which code: the hash of the ``scylla`` package source). Each
-execution of a call is an *attempt*: the runs the stage logs while it executes carry the
-attempt's tags (``scylla.attempt``, ``scylla.run_key``, ``scylla.owner``...), passed to
-``scylla.tracking.stage_run`` through the run context. Once the stage has returned, every run
+``run_key`` (what was asked, by which code: the hash of the ``scylla`` source the stage runs,
+``scylla.code_identity``). Each execution of a call is an *attempt*: the runs the stage logs
+while it executes carry the attempt's tags (``scylla.attempt``, ``scylla.run_key``,
+``scylla.owner``...), passed to ``scylla.tracking.stage_run`` through the run context. Once the stage has returned, every run
 of the attempt is tagged ``scylla.complete=<number of runs>``; only such an attempt is reused.
 
 A sweep killed at any moment therefore leaves either a complete attempt (reused on restart)
@@ -22,11 +22,10 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from scylla import tracking
+from scylla import code_identity, tracking
 from scylla.errors import ScyllaError
 
 TAG = "scylla."  # prefix of every tag this module owns
@@ -40,14 +39,11 @@ class StageFailedError(ScyllaError):
     """A stage returned an error status or logged no run; its runs are marked FAILED."""
 
 
-@lru_cache(maxsize=1)
-def code_version() -> str:
-    """Hash of the ``scylla`` package source (every ``.py`` file, path and bytes)."""
-    root = Path(__file__).resolve().parent
-    h = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()[:12]
+def code_version(call: "StageCall") -> str:
+    """Hash of the source the call's stage runs (``scylla.code_identity``)."""
+    from scylla.sweep_stages import stage_module_name
+
+    return code_identity.code_version(stage_module_name(call.stage, call.simulated))
 
 
 def _digest(obj: Any) -> str:
@@ -83,7 +79,7 @@ class StageCall:
 
     @property
     def run_key(self) -> str:
-        return _digest({"point": self.point_key, "code": code_version()})
+        return _digest({"point": self.point_key, "code": code_version(self)})
 
 
 # -- owners: which process runs an attempt, and is it still alive? ---------------------------
@@ -216,7 +212,7 @@ def output_dir(call: StageCall) -> Path:
 def context(call: StageCall, attempt_id: str, parent_run_id: str | None = None
             ) -> dict[str, Any]:
     tags = {TAG + "attempt": attempt_id, TAG + "run_key": call.run_key,
-            TAG + "point_key": call.point_key, TAG + "code_version": code_version(),
+            TAG + "point_key": call.point_key, TAG + "code_version": code_version(call),
             TAG + "owner": owner_id(), TAG + "simulated": str(int(call.simulated))}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id

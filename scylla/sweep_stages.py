@@ -38,17 +38,24 @@ STAGES = {
 }
 
 
-def stage_module(stage: str) -> Any:
-    """The CLI module of a stage; a clear error when this checkout does not have it yet."""
+def stage_module_name(stage: str, simulated: bool = False) -> str:
+    """The module that runs a stage; a clear error when this checkout does not have it yet."""
     from scylla.cli import SUBCOMMANDS
 
     if stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    if simulated and stage != "fit":
+        return "scylla.sweep_simulate"
     sub = STAGES[stage].subcommand
     if sub not in SUBCOMMANDS:
         raise ConfigError(f"stage {stage} runs `scylla {sub}`, which this checkout does not "
                           "have yet; `scylla sweep --simulate` checks the pipeline without it")
-    return importlib.import_module(SUBCOMMANDS[sub][0])
+    return SUBCOMMANDS[sub][0]
+
+
+def stage_module(stage: str) -> Any:
+    """The CLI module of a stage."""
+    return importlib.import_module(stage_module_name(stage))
 
 
 def output_gone(run: Any) -> bool:

@@ -185,7 +185,7 @@ def test_a_finished_call_is_reused_and_a_changed_one_is_not(mlflow_store, monkey
     assert again.runs[0].info.run_id == first.runs[0].info.run_id
     assert again.runs[0].data.tags["scylla.complete"] == "1"
     assert not execute(StageCall("train", {"train_tokens": 20}, "e"), fake_stage).reused
-    monkeypatch.setattr(reuse, "code_version", lambda: "other-code")
+    monkeypatch.setattr(reuse, "code_version", lambda call: "other-code")
     assert not execute(call, fake_stage).reused  # new code: run again
     assert len(finished()) == 3
 
