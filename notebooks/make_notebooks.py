@@ -43,7 +43,19 @@ def code(text: str) -> dict:
     return new_code_cell(text)
 
 
-def law_notebook(key: str, sweep: str, axes: str, figure: list[str], points: list[str]) -> list:
+def chain_steps_section(runs: str, x: str) -> list:
+    """Where val/tau_chain comes from: the draft's acceptance step by step against ``x``."""
+    return [
+        md("## Where τ comes from\nval/tau_chain = 1 + Σᵢ P(draft steps 1..i all accepted): "
+           "the acceptance at each step of the chain (given the steps before it were "
+           "accepted), and the probability of reaching past it, against the sweep's axis."),
+        code(f'sa.plot_chain_steps({runs}, "{x}");'),
+        code(f'display(Markdown(sa.chain_steps_note({runs}, "{x}")))'),
+    ]
+
+
+def law_notebook(key: str, sweep: str, axes: str, figure: list[str], points: list[str],
+                 extra: list | None = None) -> list:
     return [
         md(f"# {CLAIMS[key].title}"), md(claim_markdown(key)),
         code(SETUP.format(sweep=sweep)),
@@ -57,6 +69,7 @@ def law_notebook(key: str, sweep: str, axes: str, figure: list[str], points: lis
         code("fits = sa.sweep_fits(SWEEP, PROFILE, SIMULATED)\n"
              "sa.fits_table([r.fit for r in fits.values()])"),
         md("## Figure"), code("\n".join(figure)), code("\n".join(points)),
+        *(extra or []),
         md("## Verdict\nWritten from the numbers above when the notebook runs."),
         code(f'display(Markdown(sa.verdict_law("{key}", {{n: r.fit for n, r in fits.items()}}, '
              f'all_runs)))'),
@@ -70,13 +83,15 @@ def notebooks() -> dict[str, list]:
         "theorem_1_1": law_notebook(
             "theorem_1_1", "theorem_1_1_data", '["train_tokens"]',
             ['main = fits["tau_chain_vs_tokens"]', "sa.plot_theorem_1_1(main.runs, main.fit);"],
-            ['sa.save_points(main.fit, POINTS_DIR, "theorem_1_1")']),
+            ['sa.save_points(main.fit, POINTS_DIR, "theorem_1_1")'],
+            chain_steps_section("main.runs", "train_tokens")),
         "theorem_1_2": law_notebook(
             "theorem_1_2", "theorem_1_2_capacity", '["draft_n_layer"]',
             ['layers, params = fits["tau_chain_vs_layers"], fits["tau_chain_vs_params"]',
              "sa.plot_theorem_1_2(layers.runs, layers.fit, params.fit);"],
             ['sa.save_points(layers.fit, POINTS_DIR, "theorem_1_2_layers")',
-             'sa.save_points(params.fit, POINTS_DIR, "theorem_1_2_params")']),
+             'sa.save_points(params.fit, POINTS_DIR, "theorem_1_2_params")'],
+            chain_steps_section("layers.runs", "draft_n_layer")),
         "theorem_1_3": [
             md(f"# {CLAIMS['theorem_1_3'].title}"), md(claim_markdown("theorem_1_3")),
             code(SETUP.format(sweep="theorem_1_3_batch")),

@@ -57,6 +57,19 @@ def tau_chain(train_tokens: float, n_layer: int, kind: str, pretrain_tokens: flo
     return max(1.0, tau + _rng("train", train_tokens, n_layer, kind, seed).normal(0, 0.02))
 
 
+def chain_alphas(tau: float, steps: int = 5, decay: float = 0.9) -> list[float]:
+    """Per-step chain acceptance consistent with ``tau`` (val/tau_chain = 1 + the sum over
+    steps of their product): step i accepts a·decay^(i-1), with a found by bisection."""
+    def length(a: float) -> float:
+        return 1 + float(np.sum(np.cumprod([min(1.0, a * decay ** i) for i in range(steps)])))
+
+    lo, hi = 0.0, 1.0 / decay ** (steps - 1)
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if length(mid) < tau else (lo, mid)
+    return [min(1.0, lo * decay ** i) for i in range(steps)]
+
+
 def _get(args: dict[str, Any], name: str, default: Any) -> Any:
     value = args.get(name, default)
     return type(default)(value) if value not in (None, "") else default
@@ -98,7 +111,9 @@ def train(args: dict[str, Any]) -> None:
         draft.mkdir(parents=True, exist_ok=True)
         (draft / "draft.json").write_text(json.dumps({"tau_chain": tau, "kind": kind}))
         mlflow.set_tag("draft", str(draft))
-        mlflow.log_metrics({"val/tau_chain": tau, "val/top1_acc": 1 - 1 / tau,
+        alphas = chain_alphas(tau)
+        mlflow.log_metrics({"val/tau_chain": tau, "val/top1_acc": alphas[0],
+                            **{f"val/alpha_at_{i}": a for i, a in enumerate(alphas, 1)},
                             "train/loss": 2.0 / tau, "train/tokens_seen": tokens})
 
 

@@ -240,6 +240,34 @@ def test_law_figures_are_made(tmp_path):
     assert pd.read_csv(path)["n"].tolist() == [3] * 5
 
 
+def test_chain_steps_decompose_tau_chain_and_the_note_follows_them():
+    from scylla.drafts.objective import tau_chain
+    from scylla.sweep_simulate import chain_alphas
+
+    rows = []
+    for layers, first in ((1, 0.30), (8, 0.25)):  # deeper: a worse step 1, better later steps
+        for seed in (0, 1):
+            alphas = [first, 0.1 * layers ** 0.5, 0.2, 0.2]
+            counts = list(1000 * np.cumprod(alphas))  # chains alive after each step
+            rows.append({"run_id": f"{layers}-{seed}", "draft_n_layer": layers, "seed": seed,
+                         "val/tau_chain": tau_chain(counts, 1000),
+                         **{f"val/alpha_at_{i}": a for i, a in enumerate(alphas, 1)}})
+    runs = pd.DataFrame(rows)
+    steps = sa.chain_steps(runs, keep=["draft_n_layer"])
+    assert len(steps) == 4 * 4 and steps["step"].max() == 4
+    per_run = 1 + steps.groupby("run_id")["reach"].sum()
+    assert per_run[runs["run_id"]].to_numpy() == pytest.approx(runs["val/tau_chain"].to_numpy())
+    note = sa.chain_steps_note(runs, "draft_n_layer")
+    assert "0.300 → 0.250" in note and "draft_n_layer = 1 to 8" in note
+    share = 0.275 / steps["reach"].groupby(steps["step"]).mean().sum()
+    assert f"Step 1 carries {share:.0%}" in note
+    assert len(sa.plot_chain_steps(runs, "draft_n_layer").axes) == 2
+    with pytest.raises(ValueError, match="no val/alpha_at_<i> columns"):
+        sa.chain_steps(runs[["draft_n_layer", "val/tau_chain"]])
+    # the simulated stage's per-step acceptance reproduces its val/tau_chain
+    assert 1 + np.cumprod(chain_alphas(1.7)).sum() == pytest.approx(1.7)
+
+
 # -- the fit stage --------------------------------------------------------------------------------
 
 def test_fit_stage_logs_the_law_and_its_artifacts(mlflow_store, capsys):

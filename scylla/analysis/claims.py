@@ -155,6 +155,26 @@ def verdict_law(claim_key: str, fits: dict[str, LawFit], runs: pd.DataFrame) -> 
                       "", context_note(runs)])
 
 
+def chain_steps_note(runs: pd.DataFrame, x: str) -> str:
+    """Markdown: how much of val/tau_chain - 1 step 1 carries, and how the acceptance at step
+    1 and at the later steps moves from the smallest to the largest ``x``."""
+    from scylla.analysis.runs import chain_steps
+
+    steps = chain_steps(runs, keep=[x])
+    reach = steps.groupby("step")["reach"].mean()
+    alpha = steps.groupby([x, "step"])["alpha"].mean().unstack("step")
+    lo, hi = alpha.index.min(), alpha.index.max()
+    later = [s for s in alpha.columns if 2 <= s <= 4]
+    text = (f"Step 1 carries {reach.iloc[0] / reach.sum():.0%} of τ − 1 (mean over runs). "
+            f"From {x} = {lo:g} to {hi:g}, the acceptance at step 1 goes "
+            f"{alpha.at[lo, 1]:.3f} → {alpha.at[hi, 1]:.3f}")
+    if later:
+        text += (f", at steps {later[0]}–{later[-1]} (mean) {alpha.loc[lo, later].mean():.3f} → "
+                 f"{alpha.loc[hi, later].mean():.3f}")
+    return text + (". A later step counts only once every step before it is accepted, so τ "
+                   "moves with step 1 first.")
+
+
 def verdict_figure_2(runs: pd.DataFrame, by: str = "variant", ours: str = "scylla",
                      others: tuple[str, ...] = ("eagle2-style", "eagle3")) -> str:
     """Figure 2: our τ gains over each baseline, overall and per category."""

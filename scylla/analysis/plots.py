@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from scylla.analysis.fit import LawFit
-from scylla.analysis.runs import best_per, category_table
+from scylla.analysis.runs import best_per, category_table, chain_steps
 
 
 def _figure(ncols: int = 1, width: float = 5.5) -> tuple[Any, list[Any]]:
@@ -77,6 +77,29 @@ def plot_theorem_1_2(runs: pd.DataFrame, fit_layers: LawFit, fit_params: LawFit)
     a.set_xticklabels([f"{v:g}" for v in sorted(fit_layers.points[fit_layers.x])])
     law_panel(b, runs, fit_params, hue="seed" if "seed" in runs.columns else None)
     b.set_title("… and vs draft parameters")
+    fig.tight_layout()
+    return fig
+
+
+def plot_chain_steps(runs: pd.DataFrame, x: str) -> Any:
+    """Where a draft's chain length comes from, against ``x``: the acceptance at each chain
+    step (left) and the probability of reaching past it, whose sum over steps is
+    val/tau_chain - 1 (right); one line per step, the band spans the seeds."""
+    import seaborn as sns
+
+    steps = chain_steps(runs, keep=[x])
+    fig, (a, b) = _figure(2)
+    for ax, y, title in ((a, "alpha", "acceptance at step i, given steps < i accepted"),
+                         (b, "reach", "P(steps 1..i all accepted); τ = 1 + Σ")):
+        sns.lineplot(data=steps, x=x, y=y, hue="step", marker="o", palette="crest", ax=ax,
+                     errorbar=("pi", 100))
+        ax.set_xscale("log")
+        ax.set_xticks(sorted(steps[x].unique()))
+        ax.set_xticklabels([f"{v:g}" for v in sorted(steps[x].unique())])
+        ax.minorticks_off()
+        ax.set_title(title, fontsize=10)
+    a.get_legend().remove()  # one legend for both panels, where the right one is empty
+    b.legend(title="step", fontsize=8, loc="center right")
     fig.tight_layout()
     return fig
 

@@ -98,7 +98,6 @@ def render_report(out_dir: str | Path, profile: str = "quick", simulated: bool =
            # the kernel's cwd is notebooks/: pin the store the caller resolved
            "MLFLOW_TRACKING_URI": paths.tracking_uri(),
            "SCYLLA_PROJECT_DIR": str(paths.project_dir())}
-    links = []
     with _environment(env), (shared_kernel() if one_kernel else contextlib.nullcontext()) as km:
         for name in names:
             start = time.perf_counter()
@@ -107,14 +106,18 @@ def render_report(out_dir: str | Path, profile: str = "quick", simulated: bool =
             (out / f"{name}.html").write_text(body)
             if inplace:
                 nbformat.write(nb, src / f"{name}.ipynb")
-            links.append(f'<li><a href="{name}.html">{html.escape(name)}</a></li>')
             log(f"report: {name} executed in {time.perf_counter() - start:.1f} s")
+    # the index lists every notebook rendered into ``out``, by this call or an earlier one
+    # (a report rendered a few notebooks at a time keeps them all)
+    links = [f'<li><a href="{name}.html">{html.escape(name)}</a></li>' for name in NOTEBOOKS
+             if (out / f"{name}.html").is_file()]
     title = f"Scylla report: profile {profile}" + (" (simulated runs)" if simulated else "")
     (out / "index.html").write_text(
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"</head><body><h1>{html.escape(title)}</h1><ul>{''.join(links)}</ul>"
         f"<p>Points behind each figure, and the summary <code>headline.md</code> (written "
-        f"by the overview): <code>{html.escape(str(points))}</code>.</p></body></html>")
+        f"by the overview): <code>{html.escape(os.path.relpath(points, out))}</code>.</p>"
+        "</body></html>")
     return out / "index.html"
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
+import numpy as np
 import pandas as pd
 
 from scylla import tracking
@@ -133,6 +134,25 @@ def per_category(df: pd.DataFrame, metric: str = "decode/tau",
                                    value_name=metric)
     long["category"] = long["category"].str.removeprefix(prefix)
     return long.dropna(subset=[metric]).reset_index(drop=True)
+
+
+def chain_steps(df: pd.DataFrame, keep: Iterable[str] = (), prefix: str = "val/alpha_at_"
+                ) -> pd.DataFrame:
+    """Long frame of a draft's chain acceptance by step (``val/alpha_at_<i>``): one row per
+    run and step with ``alpha`` (step i accepted given steps < i were) and ``reach`` (the
+    first i steps all accepted, their product). ``val/tau_chain`` is 1 + the sum of ``reach``
+    over steps, so ``reach`` shows which step the chain's length comes from."""
+    columns = sorted((c for c in df.columns if c.startswith(prefix)),
+                     key=lambda c: int(c[len(prefix):]))
+    if not columns:
+        raise ValueError(f"no {prefix}<i> columns: these runs logged no chain acceptance")
+    keep = [k for k in ("run_id", *keep) if k in df.columns]
+    alpha = df[columns].to_numpy(dtype=float)
+    reach = np.cumprod(np.nan_to_num(alpha), axis=1)
+    rows = [{**{k: df[k].iloc[r] for k in keep}, "step": i + 1, "alpha": alpha[r, i],
+             "reach": reach[r, i]}
+            for r in range(len(df)) for i in range(len(columns))]
+    return pd.DataFrame(rows)
 
 
 # Spec-Bench's MT-bench prompts carry their MT-bench subcategory; the benchmark reports them
