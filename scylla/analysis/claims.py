@@ -76,6 +76,11 @@ def _f(v: float, digits: int = 3) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
+def _axis(v: float) -> str:
+    """A sweep axis value as people write it: 1,000,000 tokens, 8 layers, 0.5."""
+    return f"{v:,.0f}" if float(v).is_integer() else f"{v:g}"
+
+
 def context_note(runs: pd.DataFrame) -> str:
     """The scale caveat (and the simulation warning) from what the runs record."""
     def first(col: str, default: str) -> str:
@@ -121,7 +126,7 @@ def law_findings(fit: LawFit, sign: int, name: str) -> tuple[str, str]:
         e_lo, e_hi = fit.extrap_error_ci
         verdict = {True: "within its CI", False: "outside its CI",
                    None: "no CI to judge it by"}[within]
-        out.append(f"Extrapolation: fitted without the largest {fit.x} ({fit.extrap_x:g}), "
+        out.append(f"Extrapolation: fitted without the largest {fit.x} ({_axis(fit.extrap_x)}), "
                    f"the law predicts {_f(fit.extrap_predicted)} there; measured "
                    f"{_f(fit.extrap_measured)}, error {_f(fit.extrap_error)} "
                    f"[{_f(e_lo)}, {_f(e_hi)}]: {verdict}.")
@@ -166,7 +171,7 @@ def chain_steps_note(runs: pd.DataFrame, x: str) -> str:
     lo, hi = alpha.index.min(), alpha.index.max()
     later = [s for s in alpha.columns if 2 <= s <= 4]
     text = (f"Step 1 carries {reach.iloc[0] / reach.sum():.0%} of τ − 1 (mean over runs). "
-            f"From {x} = {lo:g} to {hi:g}, the acceptance at step 1 goes "
+            f"From {x} = {_axis(lo)} to {_axis(hi)}, the acceptance at step 1 goes "
             f"{alpha.at[lo, 1]:.3f} → {alpha.at[hi, 1]:.3f}")
     if later:
         text += (f", at steps {later[0]}–{later[-1]} (mean) {alpha.loc[lo, later].mean():.3f} → "
