@@ -5,8 +5,8 @@ is its CLI module and, transitively, every ``scylla`` module named in an ``impor
 of those files (imports inside functions included), with the ``__init__.py`` of each package
 on the way. So a sweep that spans several days survives edits to the notebooks' analysis
 helpers or the report, while any change to the model, data, training or decoding code a stage
-runs makes it run again. ``scylla`` imports no stage code by name at run time
-(``importlib``) other than the CLI dispatch, which is where a stage's module comes from.
+runs makes it run again. (The one import by name, ``importlib`` in the CLI dispatch, is what
+picks the stage's module, which is where the walk starts.)
 """
 from __future__ import annotations
 
@@ -66,10 +66,9 @@ def module_files(module: str, root: Path = PACKAGE_ROOT) -> list[Path]:
 
 
 @lru_cache(maxsize=None)
-def code_version(module: str | None = None, root: Path = PACKAGE_ROOT) -> str:
-    """Hash (path and bytes) of the source ``module`` runs, or of the whole package if None."""
-    files = module_files(module, root) if module else sorted(root.rglob("*.py"))
+def code_version(module: str, root: Path = PACKAGE_ROOT) -> str:
+    """Hash (paths and bytes) of the source ``module`` runs (``module_files``)."""
     h = hashlib.sha256()
-    for path in files:
+    for path in module_files(module, root):
         h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()[:12]

@@ -55,12 +55,6 @@ def test_an_import_inside_a_function_counts(package):
     assert before != after != code_version(TRAIN, package)
 
 
-def test_the_whole_package_when_no_module_is_named(package):
-    before = code_version(None, package)
-    edit(package / "analysis" / "plots.py")
-    assert code_version(None, package) != before
-
-
 def test_unknown_module_is_an_error():
     with pytest.raises(ValueError, match="no source for module 'scylla.nope'"):
         module_files("scylla.nope")
