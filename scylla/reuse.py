@@ -4,8 +4,9 @@ A *call* (stage + params + upstream run + labels) has a ``point_key`` (what was 
 ``run_key`` (what was asked, by which code: the hash of the ``scylla`` source the stage runs,
 ``scylla.code_identity``). Each execution of a call is an *attempt*: the runs the stage logs
 while it executes carry the attempt's tags (``scylla.attempt``, ``scylla.run_key``,
-``scylla.owner``...), passed to ``scylla.tracking.stage_run`` through the run context. Once the stage has returned, every run
-of the attempt is tagged ``scylla.complete=<number of runs>``; only such an attempt is reused.
+``scylla.owner``...), passed to ``scylla.tracking.stage_run`` through the run context. Once
+the stage has returned, every run of the attempt is tagged ``scylla.complete=<number of
+runs>``; only such an attempt is reused.
 
 A sweep killed at any moment therefore leaves either a complete attempt (reused on restart)
 or an incomplete one whose owner process is gone: its runs are marked KILLED (with

@@ -22,11 +22,20 @@ def _figure(ncols: int = 1, width: float = 5.5) -> tuple[Any, list[Any]]:
     return fig, list(axes[0])
 
 
+def log_x(ax: Any, ticks: Any = None) -> None:
+    """A log x axis labelled with plain numbers (8, 1e+06), ticked at ``ticks`` if given."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    ax.set_xscale("log")
+    if ticks is not None:
+        ax.set_xticks(sorted(set(ticks)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def law_panel(ax: Any, runs: pd.DataFrame, fit: LawFit, hue: str | None = None,
               label: str | None = None) -> None:
     """Runs as dots, the law's points with their bootstrap CI, the fitted line; log x."""
-    from matplotlib.ticker import FuncFormatter, NullFormatter
-
     x, y = fit.x, fit.y
     if y in runs.columns and x in runs.columns:
         groups = runs.groupby(hue) if hue in runs.columns else [(None, runs)]
@@ -43,9 +52,7 @@ def law_panel(ax: Any, runs: pd.DataFrame, fit: LawFit, hue: str | None = None,
     if not np.isnan(fit.extrap_predicted):
         ax.scatter([fit.extrap_x], [fit.extrap_predicted], marker="x", color="C3", s=60,
                    zorder=5, label="largest x predicted without it")
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.xaxis.set_minor_formatter(NullFormatter())
+    log_x(ax)
     ax.set_xlabel(x)
     ax.set_ylabel(y)
     ax.legend(fontsize=8)
@@ -73,8 +80,7 @@ def plot_theorem_1_2(runs: pd.DataFrame, fit_layers: LawFit, fit_params: LawFit)
     fig, (a, b) = _figure(2)
     law_panel(a, runs, fit_layers, hue="seed" if "seed" in runs.columns else None)
     a.set_title("Theorem 1.2: acceptance vs draft layers")
-    a.set_xticks(sorted(fit_layers.points[fit_layers.x]))
-    a.set_xticklabels([f"{v:g}" for v in sorted(fit_layers.points[fit_layers.x])])
+    log_x(a, fit_layers.points[fit_layers.x])
     law_panel(b, runs, fit_params, hue="seed" if "seed" in runs.columns else None)
     b.set_title("… and vs draft parameters")
     fig.tight_layout()
@@ -93,10 +99,7 @@ def plot_chain_steps(runs: pd.DataFrame, x: str) -> Any:
                          (b, "reach", "P(steps 1..i all accepted); τ = 1 + Σ")):
         sns.lineplot(data=steps, x=x, y=y, hue="step", marker="o", palette="crest", ax=ax,
                      errorbar=("pi", 100))
-        ax.set_xscale("log")
-        ax.set_xticks(sorted(steps[x].unique()))
-        ax.set_xticklabels([f"{v:g}" for v in sorted(steps[x].unique())])
-        ax.minorticks_off()
+        log_x(ax, steps[x])
         ax.set_title(title, fontsize=10)
     a.get_legend().remove()  # one legend for both panels, where the right one is empty
     b.legend(title="step", fontsize=8, loc="center right")

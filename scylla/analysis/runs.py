@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Iterable
 
-import numpy as np
 import pandas as pd
 
 from scylla import tracking
@@ -147,12 +146,10 @@ def chain_steps(df: pd.DataFrame, keep: Iterable[str] = (), prefix: str = "val/a
     if not columns:
         raise ValueError(f"no {prefix}<i> columns: these runs logged no chain acceptance")
     keep = [k for k in ("run_id", *keep) if k in df.columns]
-    alpha = df[columns].to_numpy(dtype=float)
-    reach = np.cumprod(np.nan_to_num(alpha), axis=1)
-    rows = [{**{k: df[k].iloc[r] for k in keep}, "step": i + 1, "alpha": alpha[r, i],
-             "reach": reach[r, i]}
-            for r in range(len(df)) for i in range(len(columns))]
-    return pd.DataFrame(rows)
+    alpha = df[columns].set_axis(range(1, len(columns) + 1), axis=1).astype(float)
+    wide = pd.concat({"alpha": alpha, "reach": alpha.fillna(0).cumprod(axis=1)}, axis=1)
+    long = wide.stack(level=1, future_stack=True).rename_axis([None, "step"]).reset_index("step")
+    return df[keep].join(long).reset_index(drop=True)
 
 
 # Spec-Bench's MT-bench prompts carry their MT-bench subcategory; the benchmark reports them
