@@ -54,6 +54,19 @@ def chain_steps_section(runs: str, x: str) -> list:
     ]
 
 
+def loss_section(runs: str, x: str) -> list:
+    """Does the extra capacity learn anything: the draft's validation loss against ``x``."""
+    return [
+        md("## What capacity does to the loss\nThe draft's validation loss (its cross-entropy "
+           "on the target's next tokens) against the same axis. The claim is about τ; the loss "
+           "shows whether the extra capacity learns more at this budget even where τ does not "
+           "follow yet."),
+        code(f'loss = sa.fit_loglinear({runs}, "{x}", "val/loss", unit="seed")\n'
+             f'sa.plot_law({runs}, loss, hue="seed");'),
+        code("display(Markdown(sa.loss_note(loss)))"),
+    ]
+
+
 def law_notebook(key: str, sweep: str, axes: str, figure: list[str], points: list[str],
                  extra: list | None = None) -> list:
     return [
@@ -91,7 +104,8 @@ def notebooks() -> dict[str, list]:
              "sa.plot_theorem_1_2(layers.runs, layers.fit, params.fit);"],
             ['sa.save_points(layers.fit, POINTS_DIR, "theorem_1_2_layers")',
              'sa.save_points(params.fit, POINTS_DIR, "theorem_1_2_params")'],
-            chain_steps_section("layers.runs", "draft_n_layer")),
+            [*chain_steps_section("layers.runs", "draft_n_layer"),
+             *loss_section("layers.runs", "draft_n_layer")]),
         "theorem_1_3": [
             md(f"# {CLAIMS['theorem_1_3'].title}"), md(claim_markdown("theorem_1_3")),
             code(SETUP.format(sweep="theorem_1_3_batch")),

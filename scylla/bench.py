@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, replace
@@ -21,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 
+from scylla import machine
 from scylla.config import DecodeConfig, TargetSpec, as_params
 from scylla.decoding.result import DecodeResult
 from scylla.errors import ConfigError, DataError
@@ -41,13 +41,6 @@ class MethodReport:
     speedup: float | None = None
     per_category: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds_split: dict[str, float] = field(default_factory=dict)
-
-
-def machine_description() -> str:
-    import os
-
-    return (f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, "
-            f"torch {torch.__version__}, threads {torch.get_num_threads()}").replace("  ", " ")
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
@@ -194,7 +187,7 @@ def measure(bench: Bench, cfg: DecodeConfig, methods: list[str], ids: list[list[
 
 def describe(bench: Bench, spec: TargetSpec, cfg: DecodeConfig, prompts: list[Any],
              draft_path: str | None) -> dict[str, Any]:
-    return {"machine": machine_description(), "target": spec.target,
+    return {"machine": machine.description(), "target": spec.target,
             "device": str(bench.target.device),
             "dtype": str(bench.target.dtype).removeprefix("torch."),
             "draft": draft_path, "num_prompts": len(prompts),
@@ -414,7 +407,7 @@ def run_forward_cost(spec: TargetSpec, args: argparse.Namespace) -> int:
         raise ConfigError(f"--context={args.context} plus k={max(ks)} exceeds the target's "
                           f"context window of {limit} tokens")
     rows = forward_cost(bench.target.model, ks, args.context, bench.draft)
-    report = {"machine": machine_description(), "target": spec.target, "draft": args.draft,
+    report = {"machine": machine.description(), "target": spec.target, "draft": args.draft,
               "context": args.context, "threads": torch.get_num_threads(), "forward_cost": rows}
     print(format_forward_cost(rows, args.context))
     if not args.no_mlflow:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from scylla import code_identity, tracking
+from scylla import code_identity, machine, tracking
 from scylla.errors import ScyllaError
 
 TAG = "scylla."  # prefix of every tag this module owns
@@ -214,7 +214,8 @@ def context(call: StageCall, attempt_id: str, parent_run_id: str | None = None
             ) -> dict[str, Any]:
     tags = {TAG + "attempt": attempt_id, TAG + "run_key": call.run_key,
             TAG + "point_key": call.point_key, TAG + "code_version": code_version(call),
-            TAG + "owner": owner_id(), TAG + "simulated": str(int(call.simulated))}
+            TAG + "owner": owner_id(), TAG + "simulated": str(int(call.simulated)),
+            "machine": machine.description()}  # a stage's own tags may refine it
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     ctx: dict[str, Any] = {"experiment": call.experiment, "tags": tags,

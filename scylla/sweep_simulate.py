@@ -114,7 +114,8 @@ def train(args: dict[str, Any]) -> None:
         alphas = chain_alphas(tau)
         mlflow.log_metrics({"val/tau_chain": tau, "val/top1_acc": alphas[0],
                             **{f"val/alpha_at_{i}": a for i, a in enumerate(alphas, 1)},
-                            "train/loss": 2.0 / tau, "train/tokens_seen": tokens})
+                            "train/loss": 2.0 / tau, "val/loss": 2.0 / tau,
+                            "train/tokens_seen": tokens})
 
 
 def _method_numbers(method: str, tau_draft: float, batch: int, top_k: int, total: int,

@@ -215,6 +215,14 @@ def test_law_verdict_changes_with_the_data():
     assert "**Supported**" not in text
 
 
+def test_verdicts_name_the_target_and_machine_the_runs_recorded():
+    runs = law_frame()
+    fit = {"tau": sa.fit_loglinear(runs, "train_tokens", "val/tau_chain", unit="seed")}
+    assert "an unrecorded machine" in sa.verdict_law("theorem_1_1", fit, runs)
+    runs = runs.assign(target="smollm2", machine="x86_64 2 cores")
+    assert "smollm2 measured on x86_64 2 cores" in sa.verdict_law("theorem_1_1", fit, runs)
+
+
 def test_batch_table_picks_the_fastest_tree_per_batch():
     runs = pd.DataFrame({"decode_batch_size": [1, 1, 8, 8], "tree_top_k": [4, 1, 4, 1],
                          "tree_total_tokens": [16, 4, 16, 4],
@@ -238,6 +246,18 @@ def test_law_figures_are_made(tmp_path):
     assert len(sa.plot_theorem_1_2(layers, f1, f2).axes) == 2
     path = sa.save_points(fit, tmp_path / "points", "t11")
     assert pd.read_csv(path)["n"].tolist() == [3] * 5
+
+
+def test_loss_note_says_whether_capacity_lowers_the_loss():
+    def note(slope):
+        runs = law_frame(slope=slope, noise=0.01).rename(columns={"val/tau_chain": "val/loss"})
+        return sa.loss_note(sa.fit_loglinear(runs, "train_tokens", "val/loss", unit="seed"))
+
+    assert "lowers the validation loss" in note(-0.05) and "excluding 0" in note(-0.05)
+    assert "does not fall firmly" in note(0.05)  # a loss rising with capacity
+    one_seed = law_frame(slope=-0.05, seeds=(0,)).rename(columns={"val/tau_chain": "val/loss"})
+    text = sa.loss_note(sa.fit_loglinear(one_seed, "train_tokens", "val/loss", unit="seed"))
+    assert "no CI" in text and "not judged" in text
 
 
 def test_chain_steps_decompose_tau_chain_and_the_note_follows_them():

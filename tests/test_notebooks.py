@@ -57,8 +57,8 @@ def test_every_notebook_runs_on_the_quick_profile_store(mlflow_store, tmp_path):
         assert "Traceback" not in page  # (a failing cell raises before this anyway)
         if name != "overview":
             assert "are simulated" in page  # the verdicts say what the numbers are
-            # the law figure, and for the two chain-acceptance laws where τ comes from
-            figures = 2 if name in ("theorem_1_1", "theorem_1_2") else 1
+            # theorem_1_1: the law and where τ comes from; theorem_1_2: also its loss
+            figures = {"theorem_1_1": 2, "theorem_1_2": 3}.get(name, 1)
             assert page.count("data:image/png") == images + figures, f"{name}: figures"
     # the verdict is written from the numbers the fit stage logged for the same runs
     fit = mlflow.search_runs(experiment_names=["theorem_1_1_data-quick-simulated"],

@@ -15,7 +15,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from scylla import reuse, tracking
+from scylla import machine, reuse, tracking
 from scylla.errors import ConfigError
 from scylla.reuse import StageBusyError, StageCall, StageFailedError, execute
 from scylla.sweep import parse_pairs, run_sweep, stage_entry
@@ -184,6 +184,7 @@ def test_a_finished_call_is_reused_and_a_changed_one_is_not(mlflow_store, monkey
     assert not first.reused and again.reused
     assert again.runs[0].info.run_id == first.runs[0].info.run_id
     assert again.runs[0].data.tags["scylla.complete"] == "1"
+    assert again.runs[0].data.tags["machine"] == machine.description()  # where it ran
     assert not execute(StageCall("train", {"train_tokens": 20}, "e"), fake_stage).reused
     monkeypatch.setattr(reuse, "code_version", lambda call: "other-code")
     assert not execute(call, fake_stage).reused  # new code: run again

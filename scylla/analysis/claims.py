@@ -160,6 +160,27 @@ def verdict_law(claim_key: str, fits: dict[str, LawFit], runs: pd.DataFrame) -> 
                       "", context_note(runs)])
 
 
+def loss_note(fit: LawFit) -> str:
+    """Markdown: whether the draft's validation loss falls with ``fit.x`` (``fit.y`` is
+    val/loss). The claims are about τ; the loss says whether the extra capacity learns
+    anything at this budget, even where τ does not follow yet."""
+    lo, hi = fit.slope_ci
+    if math.isnan(lo):
+        ci = "no CI (no replicates to resample)"
+    else:
+        ci = (f"{int(round(fit.ci * 100))}% bootstrap CI [{_f(lo)}, {_f(hi)}], "
+              + ("excluding 0" if fit.slope_excludes_zero else "including 0"))
+    if math.isnan(lo):
+        reading = "Without a CI, whether the loss falls with it is not judged."
+    elif fit.slope < 0 and fit.slope_excludes_zero:
+        reading = f"More {fit.x} lowers the validation loss at this budget: the capacity is used."
+    else:
+        reading = (f"The validation loss does not fall firmly with {fit.x} at this budget: the "
+                   "extra capacity is not yet learning more.")
+    return (f"`{fit.equation()}` over {fit.n_points} points, R² = {_f(fit.r2)}, slope {ci}. "
+            + reading)
+
+
 def chain_steps_note(runs: pd.DataFrame, x: str) -> str:
     """Markdown: how much of val/tau_chain - 1 step 1 carries, and how the acceptance at step
     1 and at the later steps moves from the smallest to the largest ``x``."""

@@ -52,7 +52,9 @@ def law_panel(ax: Any, runs: pd.DataFrame, fit: LawFit, hue: str | None = None,
     if not np.isnan(fit.extrap_predicted):
         ax.scatter([fit.extrap_x], [fit.extrap_predicted], marker="x", color="C3", s=60,
                    zorder=5, label="largest x predicted without it")
-    log_x(ax)
+    # small axes (layers, batch sizes, tree widths) are ticked at their own points; token and
+    # parameter counts keep matplotlib's decades, where 6 labels of 7 digits would collide
+    log_x(ax, pts[x] if pts[x].max() <= 100 else None)
     ax.set_xlabel(x)
     ax.set_ylabel(y)
     ax.legend(fontsize=8)
@@ -80,7 +82,6 @@ def plot_theorem_1_2(runs: pd.DataFrame, fit_layers: LawFit, fit_params: LawFit)
     fig, (a, b) = _figure(2)
     law_panel(a, runs, fit_layers, hue="seed" if "seed" in runs.columns else None)
     a.set_title("Theorem 1.2: acceptance vs draft layers")
-    log_x(a, fit_layers.points[fit_layers.x])
     law_panel(b, runs, fit_params, hue="seed" if "seed" in runs.columns else None)
     b.set_title("… and vs draft parameters")
     fig.tight_layout()

@@ -1,0 +1,17 @@
+"""The machine a run measures on, as one line: CPU, cores, torch build and its threads.
+
+Recorded as the ``machine`` tag of every stage run (``scylla.reuse``) and in every benchmark
+report (``scylla bench``), so a figure or verdict can say where its numbers come from.
+"""
+from __future__ import annotations
+
+import os
+import platform
+
+
+def description() -> str:
+    import torch
+
+    gpu = (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "")
+    return (f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores{gpu}, "
+            f"torch {torch.__version__}, threads {torch.get_num_threads()}").replace("  ", " ")
