@@ -215,6 +215,17 @@ def test_law_verdict_changes_with_the_data():
     assert "**Supported**" not in text
 
 
+def test_a_point_missing_runs_is_called_out():
+    runs = law_frame()
+    fit = sa.fit_loglinear(runs, "train_tokens", "val/tau_chain", unit="seed")
+    assert "Unbalanced" not in sa.verdict_law("theorem_1_1", {"tau": fit}, runs)
+    partial = runs[~((runs["train_tokens"] == 1e6) & (runs["seed"] > 0))]
+    fit = sa.fit_loglinear(partial, "train_tokens", "val/tau_chain", unit="seed")
+    text = sa.verdict_law("theorem_1_1", {"tau": fit}, partial)
+    assert "train_tokens = 1,000,000 rest on fewer runs than the others (1 against 3)" in text
+    assert text.splitlines()[1].startswith("**Provisionally supported**")
+
+
 def test_verdicts_name_the_target_and_machine_the_runs_recorded():
     runs = law_frame()
     fit = {"tau": sa.fit_loglinear(runs, "train_tokens", "val/tau_chain", unit="seed")}

@@ -94,13 +94,28 @@ def context_note(runs: pd.DataFrame) -> str:
                              machine=first("machine", "an unrecorded machine"))
 
 
+def unbalanced(fit: LawFit) -> list[str]:
+    """A warning when the law's points rest on different numbers of runs (a sweep still
+    running or stopped): a point missing one seed takes the other seed's offset, which bends
+    the fit until every point has all of them."""
+    n = fit.points["n"]
+    if n.nunique() < 2:
+        return []
+    short = ", ".join(_axis(v) for v in fit.points.loc[n < n.max(), fit.x])
+    return [f"Unbalanced: {fit.x} = {short} rest on fewer runs than the others "
+            f"({n.min()} against {n.max()}), so a seed's offset moves them; the fit is "
+            "provisional until every point has all its runs."]
+
+
 def law_findings(fit: LawFit, sign: int, name: str) -> tuple[str, str]:
     """Sentences about one law, and its standing: "supports" (claimed sign, CI excluding 0,
-    R² ≥ 0.95), "contradicts" (the other sign) or "weak" (anything in between)."""
+    R² ≥ 0.95), "provisional" (the same, on points missing runs), "contradicts" (the other
+    sign) or "weak" (anything in between)."""
     pct = int(round(fit.ci * 100))
     lo, hi = fit.slope_ci
     out = [f"{name}: `{fit.equation()}` over {fit.n_points} points ({fit.n_rows} runs), "
            f"R² = {_f(fit.r2)}."]
+    out += unbalanced(fit)
     direction = "positive" if sign > 0 else "negative"
     agrees = (fit.slope > 0) == (sign > 0)
     firm = False
@@ -133,7 +148,7 @@ def law_findings(fit: LawFit, sign: int, name: str) -> tuple[str, str]:
     if not agrees:
         standing = "contradicts"
     elif firm and not math.isnan(fit.r2) and fit.r2 >= 0.95:
-        standing = "supports"
+        standing = "provisional" if unbalanced(fit) else "supports"
     else:
         standing = "weak"
     return " ".join(out), standing
@@ -153,6 +168,9 @@ def verdict_law(claim_key: str, fits: dict[str, LawFit], runs: pd.DataFrame) -> 
         head = "**Supported**: every fit has the claimed sign, a CI excluding 0 and R² ≥ 0.95."
     elif "contradicts" in standings:
         head = "**Not supported**: at least one fit has the opposite sign to the claim."
+    elif all(s in ("supports", "provisional") for s in standings):
+        head = ("**Provisionally supported**: every fit has the claimed sign, a CI excluding 0 "
+                "and R² ≥ 0.95, but some points still miss runs; see below.")
     else:
         head = ("**Partly supported**: the direction is as claimed, but not every fit has a "
                 "CI excluding 0 and R² ≥ 0.95; see below.")
