@@ -94,6 +94,11 @@ def context_note(runs: pd.DataFrame) -> str:
                              machine=first("machine", "an unrecorded machine"))
 
 
+def _slope_ci(fit: LawFit) -> str:
+    lo, hi = fit.slope_ci
+    return f"{int(round(fit.ci * 100))}% bootstrap CI [{_f(lo)}, {_f(hi)}]"
+
+
 def unbalanced(fit: LawFit) -> list[str]:
     """A warning when the law's points rest on different numbers of runs (a sweep still
     running or stopped): a point missing one seed takes the other seed's offset, which bends
@@ -111,11 +116,10 @@ def law_findings(fit: LawFit, sign: int, name: str) -> tuple[str, str]:
     """Sentences about one law, and its standing: "supports" (claimed sign, CI excluding 0,
     R² ≥ 0.95), "provisional" (the same, on points missing runs), "contradicts" (the other
     sign) or "weak" (anything in between)."""
-    pct = int(round(fit.ci * 100))
-    lo, hi = fit.slope_ci
+    lo = fit.slope_ci[0]
+    warning = unbalanced(fit)
     out = [f"{name}: `{fit.equation()}` over {fit.n_points} points ({fit.n_rows} runs), "
-           f"R² = {_f(fit.r2)}."]
-    out += unbalanced(fit)
+           f"R² = {_f(fit.r2)}.", *warning]
     direction = "positive" if sign > 0 else "negative"
     agrees = (fit.slope > 0) == (sign > 0)
     firm = False
@@ -123,7 +127,7 @@ def law_findings(fit: LawFit, sign: int, name: str) -> tuple[str, str]:
         out.append(f"Slope {_f(fit.slope)}, no CI: no replicates (seeds or prompts) to "
                    "resample, so the slope's uncertainty is unknown.")
     else:
-        out.append(f"Slope {_f(fit.slope)}, {pct}% bootstrap CI [{_f(lo)}, {_f(hi)}].")
+        out.append(f"Slope {_f(fit.slope)}, {_slope_ci(fit)}.")
         firm = agrees and fit.slope_excludes_zero
         if firm:
             out.append(f"The CI excludes 0 on the {direction} side, as the paper claims.")
@@ -148,7 +152,7 @@ def law_findings(fit: LawFit, sign: int, name: str) -> tuple[str, str]:
     if not agrees:
         standing = "contradicts"
     elif firm and not math.isnan(fit.r2) and fit.r2 >= 0.95:
-        standing = "provisional" if unbalanced(fit) else "supports"
+        standing = "provisional" if warning else "supports"
     else:
         standing = "weak"
     return " ".join(out), standing
@@ -182,19 +186,17 @@ def loss_note(fit: LawFit) -> str:
     """Markdown: whether the draft's validation loss falls with ``fit.x`` (``fit.y`` is
     val/loss). The claims are about τ; the loss says whether the extra capacity learns
     anything at this budget, even where τ does not follow yet."""
-    lo, hi = fit.slope_ci
-    if math.isnan(lo):
+    if math.isnan(fit.slope_ci[0]):
         ci = "no CI (no replicates to resample)"
-    else:
-        ci = (f"{int(round(fit.ci * 100))}% bootstrap CI [{_f(lo)}, {_f(hi)}], "
-              + ("excluding 0" if fit.slope_excludes_zero else "including 0"))
-    if math.isnan(lo):
         reading = "Without a CI, whether the loss falls with it is not judged."
-    elif fit.slope < 0 and fit.slope_excludes_zero:
-        reading = f"More {fit.x} lowers the validation loss at this budget: the capacity is used."
     else:
-        reading = (f"The validation loss does not fall firmly with {fit.x} at this budget: the "
-                   "extra capacity is not yet learning more.")
+        ci = _slope_ci(fit) + (", excluding 0" if fit.slope_excludes_zero else ", including 0")
+        if fit.slope < 0 and fit.slope_excludes_zero:
+            reading = (f"More {fit.x} lowers the validation loss at this budget: the capacity "
+                       "is used.")
+        else:
+            reading = (f"The validation loss does not fall firmly with {fit.x} at this budget: "
+                       "the extra capacity is not yet learning more.")
     return (f"`{fit.equation()}` over {fit.n_points} points, R² = {_f(fit.r2)}, slope {ci}. "
             + reading)
 
