@@ -19,7 +19,6 @@ import contextlib
 import hashlib
 import json
 import os
-import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from typing import Any, Callable, Iterator
 
 from scylla import code_identity, machine, tracking
 from scylla.errors import ScyllaError
+from scylla.process_owner import OWNER_TAG, owner_alive, owner_id
 
 TAG = "scylla."  # prefix of every tag this module owns
 
@@ -83,42 +83,6 @@ class StageCall:
         return _digest({"point": self.point_key, "code": code_version(self)})
 
 
-# -- owners: which process runs an attempt, and is it still alive? ---------------------------
-
-def _start_ticks(pid: int) -> str | None:
-    """Process start time in clock ticks since boot, which tells a reused pid apart;
-    "?" where there is no /proc (then only the pid is checked); None: no such process."""
-    if not Path("/proc/self/stat").exists():
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            return "?"
-        return "?"
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] == "Z":  # a zombie has exited; only its parent has not reaped it yet
-        return None
-    return fields[19]  # field 22 of proc(5), counted from field 3 (after "comm")
-
-
-def owner_id() -> str:
-    pid = os.getpid()
-    return f"{socket.gethostname()}:{pid}:{_start_ticks(pid)}"
-
-
-def owner_alive(owner: str) -> bool | None:
-    """True/False for an owner on this host; None when it lives on another host."""
-    host, pid, ticks = owner.rsplit(":", 2)
-    if host != socket.gethostname():
-        return None
-    return _start_ticks(int(pid)) == ticks
-
-
 # -- attempts ---------------------------------------------------------------------------------
 
 @dataclass
@@ -134,7 +98,7 @@ class Attempt:
 
     @property
     def owner(self) -> str:
-        return self.runs[0].data.tags.get(TAG + "owner", "")
+        return self.runs[0].data.tags.get(OWNER_TAG, "")
 
     @property
     def started(self) -> int:
@@ -214,7 +178,7 @@ def context(call: StageCall, attempt_id: str, parent_run_id: str | None = None
             ) -> dict[str, Any]:
     tags = {TAG + "attempt": attempt_id, TAG + "run_key": call.run_key,
             TAG + "point_key": call.point_key, TAG + "code_version": code_version(call),
-            TAG + "owner": owner_id(), TAG + "simulated": str(int(call.simulated)),
+            OWNER_TAG: owner_id(), TAG + "simulated": str(int(call.simulated)),
             "machine": machine.description()}  # a stage's own tags may refine it
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
@@ -302,7 +266,7 @@ def _claim(call: StageCall, attempt_id: str, started_ms: int) -> list[Any]:
     claimed = [r for r in runs if r.data.tags.get(TAG + "attempt") != attempt_id]
     for r in claimed:
         client.set_tag(r.info.run_id, TAG + "attempt", attempt_id)
-        client.set_tag(r.info.run_id, TAG + "owner", owner_id())
+        client.set_tag(r.info.run_id, OWNER_TAG, owner_id())
         if TAG + "incomplete" in r.data.tags:
             client.delete_tag(r.info.run_id, TAG + "incomplete")
         if r.info.status != "FINISHED":

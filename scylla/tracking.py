@@ -14,11 +14,13 @@ import logging
 import os
 import re
 import sqlite3
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlparse
 
 from scylla import paths
+from scylla.process_owner import OWNER_TAG, owner_alive, owner_id
 
 DEFAULT_EXPERIMENT = "scylla"
 # A driver (``scylla sweep``, the pipelines' entry points) hands the stage it launches a
@@ -97,6 +99,9 @@ def stage_run(stage: str, params: dict[str, Any], experiment: str | None = None,
     """An MLflow run for one stage, with its params logged and ``stage`` tagged.
 
     The experiment defaults to the driver's (``run_context()``), else ``DEFAULT_EXPERIMENT``.
+    A stage run by hand (no driver) tags its owner process and first closes the runs that
+    dead processes left RUNNING in that experiment (``close_abandoned``); a driver's context
+    carries the owner, and the driver closes its own runs (``scylla.reuse``).
     """
     mlflow = mlflow_client_ready()
     ctx = run_context()
@@ -104,7 +109,34 @@ def stage_run(stage: str, params: dict[str, Any], experiment: str | None = None,
     if ctx.get("upstream"):
         params = {**lineage_params(ctx["upstream"], params), **params}
     params = {**ctx.get("labels", {}), **params}
-    with mlflow.start_run(experiment_id=experiment_id(experiment), run_name=run_name,
-                          tags={"stage": stage, **ctx.get("tags", {}), **(tags or {})}) as run:
+    exp_id = experiment_id(experiment)
+    own_tags = ctx.get("tags")
+    if not own_tags:
+        close_abandoned(exp_id)
+        own_tags = {OWNER_TAG: owner_id()}
+    with mlflow.start_run(experiment_id=exp_id, run_name=run_name,
+                          tags={"stage": stage, **own_tags, **(tags or {})}) as run:
         mlflow.log_params({k: ("" if v is None else v) for k, v in params.items()})
         yield run
+
+
+def close_abandoned(exp_id: str) -> list[str]:
+    """Mark KILLED the runs of experiment ``exp_id`` left RUNNING by an owner process that
+    is gone (on this host); returns their ids.
+
+    Such a run was cut off by a SIGKILL or a machine going down, so nothing could end it.
+    Runs without an owner tag, or owned on another host, are left alone.
+    """
+    mlflow = mlflow_client_ready()
+    client = mlflow.MlflowClient()
+    closed = []
+    for run in mlflow.search_runs(experiment_ids=[exp_id], output_format="list",
+                                  filter_string="attributes.status = 'RUNNING'"):
+        owner = run.data.tags.get(OWNER_TAG)
+        if not owner or owner_alive(owner) is not False:
+            continue
+        client.set_terminated(run.info.run_id, "KILLED")
+        closed.append(run.info.run_id)
+        print(f"MLflow run {run.info.run_id} ({run.data.tags.get('stage', '?')}) was left "
+              f"RUNNING by process {owner}, which is gone: marked KILLED", file=sys.stderr)
+    return closed

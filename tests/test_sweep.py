@@ -15,7 +15,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from scylla import machine, reuse, tracking
+from scylla import machine, process_owner, reuse, tracking
 from scylla.errors import ConfigError
 from scylla.reuse import StageBusyError, StageCall, StageFailedError, execute
 from scylla.sweep import parse_pairs, run_sweep, stage_entry
@@ -218,7 +218,7 @@ def test_a_live_owner_is_not_run_over(mlflow_store):
     call = StageCall("train", {"train_tokens": 10}, "e")
     ctx = reuse.context(call, "live")
     parent = os.getppid()  # alive while this test runs
-    ctx["tags"]["scylla.owner"] = f"{socket.gethostname()}:{parent}:{reuse._start_ticks(parent)}"
+    ctx["tags"]["scylla.owner"] = process_owner.owner_id(parent)
     mlflow.MlflowClient().create_run(tracking.experiment_id("e"),
                                      tags={"stage": "train", **ctx["tags"]})
     with pytest.raises(StageBusyError, match="is being run by process"):

@@ -1,6 +1,7 @@
 """The tracking store: stage runs land in SQLite, and the MLflow UI serves that store."""
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import mlflow
 
-from scylla import paths
+from scylla import paths, tracking
+from scylla.process_owner import OWNER_TAG, owner_id
 from scylla.tracking import stage_run
 
 
@@ -22,6 +24,24 @@ def test_stage_run_logs_params_and_stage_tag():
     assert got.data.params == {"decode_batch_size": "4", "draft": ""}
     assert got.data.metrics["decode/tau"] == 2.5
     assert paths.tracking_uri().startswith("sqlite:///")
+
+
+def test_a_run_a_dead_process_left_running_is_closed_by_the_next_stage_run():
+    exp = tracking.experiment_id()  # points MLflow at this test's store first
+    client = mlflow.MlflowClient()
+    host = socket.gethostname()
+    owners = {"dead": f"{host}:{2**22 + 1}:1",  # above Linux's largest pid: no such process
+              "live": owner_id(os.getppid()),  # alive while this test runs
+              "remote": f"not-{host}:1:1", "untagged": None}
+    left = {name: client.create_run(exp, tags={"stage": "train", **({OWNER_TAG: o} if o else {})}
+                                    ).info.run_id
+            for name, o in owners.items()}
+    with stage_run("decode", {}) as run:
+        pass
+    status = {name: client.get_run(rid).info.status for name, rid in left.items()}
+    assert status == {"dead": "KILLED", "live": "RUNNING", "remote": "RUNNING",
+                      "untagged": "RUNNING"}
+    assert mlflow.get_run(run.info.run_id).data.tags[OWNER_TAG] == owner_id()
 
 
 def test_default_store_is_sqlite_under_mlruns(monkeypatch, tmp_path):

@@ -17,6 +17,7 @@ import torch
 from drafts_fixtures import tiny_hf
 from scylla.cli import main
 from scylla.data.shards import load_manifest
+from scylla.process_owner import OWNER_TAG, owner_id
 from scylla.targets import load_tokenizer
 
 pytestmark = pytest.mark.real  # the SmolLM2 tokenizer (the target itself is tiny and random)
@@ -193,6 +194,8 @@ def test_training_killed_with_sigkill_resumes_in_the_same_run(workspace, tmp_pat
     proc.wait()
     assert ckpt.is_file() and not (tmp_path / "killed" / "result.json").exists()
     assert main(args) == 0
+    (resumed,) = runs("train")
+    assert resumed.data.tags[OWNER_TAG] == owner_id()  # not the killed process any more
     assert main(train_args(workspace, shards, tmp_path / "whole", "--checkpoint-every", "2")) == 0
     from safetensors.torch import load_file
 

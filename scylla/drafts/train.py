@@ -358,6 +358,7 @@ def run(args: argparse.Namespace) -> int:
 
 def train_run(out: Path, params: dict[str, Any]) -> Any:
     """The stage's MLflow run: a new one, or the one a killed attempt in ``out`` started."""
+    from scylla.process_owner import OWNER_TAG, owner_id
     from scylla.tracking import mlflow_client_ready, stage_run
 
     record = out / RUN_FILE
@@ -366,7 +367,8 @@ def train_run(out: Path, params: dict[str, Any]) -> Any:
         if saved["params"] != json.loads(json.dumps(params, default=str)):
             raise ConfigError(f"{out} holds a training with other params; use another --out")
         mlflow = mlflow_client_ready()
-        return mlflow.start_run(run_id=saved["run_id"])
+        # this process owns the run now (``scylla.tracking.close_abandoned``)
+        return mlflow.start_run(run_id=saved["run_id"], tags={OWNER_TAG: owner_id()})
 
     @contextlib.contextmanager
     def fresh() -> Any:
