@@ -120,23 +120,20 @@ def stage_run(stage: str, params: dict[str, Any], experiment: str | None = None,
         yield run
 
 
-def close_abandoned(exp_id: str) -> list[str]:
+def close_abandoned(exp_id: str) -> None:
     """Mark KILLED the runs of experiment ``exp_id`` left RUNNING by an owner process that
-    is gone (on this host); returns their ids.
+    is gone (on this host), naming each on stderr.
 
     Such a run was cut off by a SIGKILL or a machine going down, so nothing could end it.
     Runs without an owner tag, or owned on another host, are left alone.
     """
     mlflow = mlflow_client_ready()
     client = mlflow.MlflowClient()
-    closed = []
     for run in mlflow.search_runs(experiment_ids=[exp_id], output_format="list",
                                   filter_string="attributes.status = 'RUNNING'"):
         owner = run.data.tags.get(OWNER_TAG)
         if not owner or owner_alive(owner) is not False:
             continue
         client.set_terminated(run.info.run_id, "KILLED")
-        closed.append(run.info.run_id)
         print(f"MLflow run {run.info.run_id} ({run.data.tags.get('stage', '?')}) was left "
               f"RUNNING by process {owner}, which is gone: marked KILLED", file=sys.stderr)
-    return closed

@@ -22,7 +22,7 @@ __all__ = [
     "claim_markdown", "experiment_name", "fit_loglinear", "FitResult", "fits_table",
     "headline_markdown", "inventory", "LawFit", "load_runs", "loss_note", "overview",
     "per_category", "plot_chain_steps", "plot_figure_2", "plot_law", "plot_table_5",
-    "plot_theorem_1_1",
-    "plot_theorem_1_2", "plot_theorem_1_3", "save_headline", "save_points", "speed_table",
-    "sweep_fits", "table_5", "verdict_figure_2", "verdict_law", "verdict_table_5",
+    "plot_theorem_1_1", "plot_theorem_1_2", "plot_theorem_1_3", "save_headline", "save_points",
+    "speed_table", "sweep_fits", "table_5", "verdict_figure_2", "verdict_law",
+    "verdict_table_5",
 ]
