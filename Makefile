@@ -35,7 +35,7 @@ test-slow: setup
 
 # The store records artifact paths of the checkout that made it: point them here first.
 mlflow-ui: setup
-	$(PY) -c "from scylla import tracking; tracking.mlflow_client_ready()"
+	$(PY) -c "from scylla import store; store.mlflow_client_ready()"
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --default-artifact-root mlruns/artifacts
 
 clean-venv:

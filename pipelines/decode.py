@@ -6,7 +6,7 @@ stage, log. See README.md.
 import sys
 from pathlib import Path
 
-from scylla.sweep import stage_entry
+from scylla.commands.mlproject import stage_entry
 
 if __name__ == "__main__":
     sys.exit(stage_entry("decode", sys.argv[1:], Path(__file__).resolve().parents[1]))

@@ -9,7 +9,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-
 from scylla.errors import ConfigError  # noqa: F401  (re-exported for users of config)
 
 

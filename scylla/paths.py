@@ -2,13 +2,16 @@
 
 - ``SCYLLA_DATA_DIR``: converted targets, tokenized corpora, hidden-state shards.
   Default ``~/.cache/scylla`` (large, never committed).
-- ``MLFLOW_TRACKING_URI``: when unset, the project's SQLite store ``mlruns/mlflow.db``
-  (artifacts in ``mlruns/artifacts``) under ``SCYLLA_PROJECT_DIR`` or the working directory.
+- ``MLFLOW_TRACKING_URI``: when unset, the project's SQLite store ``mlflow.db`` (artifacts in
+  ``artifacts/``) in ``SCYLLA_STORE_DIR``, by default ``mlruns/`` under ``SCYLLA_PROJECT_DIR``
+  or the working directory (the committed store; ``scylla main`` points it at ``out/mlruns``).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Iterator
 
 
 def data_dir() -> Path:
@@ -21,15 +24,22 @@ def project_dir() -> Path:
     return Path(os.environ.get("SCYLLA_PROJECT_DIR", Path.cwd())).resolve()
 
 
+def store_dir() -> Path:
+    """The directory of the project's SQLite store (not created here)."""
+    if os.environ.get("SCYLLA_STORE_DIR"):
+        return Path(os.environ["SCYLLA_STORE_DIR"]).expanduser().resolve()
+    return project_dir() / "mlruns"
+
+
 def mlruns_dir() -> Path:
-    root = project_dir() / "mlruns"
+    root = store_dir()
     (root / "artifacts").mkdir(parents=True, exist_ok=True)
     return root
 
 
 def project_store_uri() -> str:
     """The project's SQLite store (not created here: a tracking server may be in use)."""
-    return f"sqlite:///{project_dir() / 'mlruns' / 'mlflow.db'}"
+    return f"sqlite:///{store_dir() / 'mlflow.db'}"
 
 
 def tracking_uri() -> str:
@@ -41,3 +51,19 @@ def tracking_uri() -> str:
 
 def artifact_root() -> str:
     return (mlruns_dir() / "artifacts").as_uri()
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables (which the locations above and spawned processes read) for
+    the duration of a block, then restore what was there."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

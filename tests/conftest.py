@@ -21,6 +21,7 @@ def one_thread():
 def _isolated_tracking(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("SCYLLA_PROJECT_DIR", str(tmp_path))
+    monkeypatch.delenv("SCYLLA_STORE_DIR", raising=False)  # the store then follows the project dir
 
 
 @pytest.fixture

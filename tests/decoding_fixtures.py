@@ -8,8 +8,9 @@
   trees get accepted (long acceptance paths); ``noise`` > 0 perturbs its logits so acceptance
   is partial and branches beyond rank 0 matter. The noise is a function of the context alone,
   so a row's proposals never depend on the rest of the batch. It keeps the token ids it
-  consumed in a real ``KVCache`` (one layer, one head, head_dim 1), so every cache operation the engine does
-  (set_lengths, select, put) keeps them right, and recomputes each node's context from them.
+  consumed in a real ``KVCache`` (one layer, one head, head_dim 1), so every cache operation the
+  engine does (set_lengths, select, put) keeps them right, and recomputes each node's context
+  from them.
   The draft never sees the first prompt token (EAGLE shift), so test prompts start with BOS.
 """
 from __future__ import annotations

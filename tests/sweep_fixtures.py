@@ -5,7 +5,7 @@ TINY = """
 name: tiny
 profiles:
   quick:
-    hidden_states: {params: {train_tokens: 4000}}
+    hidden_states: {params: {build_tokens: 4000}}
     train:
       params: {draft_n_layer: 1}
       grid: {train_tokens: [1000, 2000, 4000]}

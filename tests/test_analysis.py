@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from scylla import analysis as sa
-from scylla import tracking
 from scylla.errors import DataError
+from scylla.pipeline import tracking
 
 matplotlib.use("Agg")
 
@@ -273,7 +273,7 @@ def test_loss_note_says_whether_capacity_lowers_the_loss():
 
 def test_chain_steps_decompose_tau_chain_and_the_note_follows_them():
     from scylla.drafts.objective import tau_chain
-    from scylla.sweep_simulate import chain_alphas
+    from scylla.pipeline.simulate import chain_alphas
 
     rows = []
     for layers, first in ((1, 0.30), (8, 0.25)):  # deeper: a worse step 1, better later steps
@@ -302,7 +302,7 @@ def test_chain_steps_decompose_tau_chain_and_the_note_follows_them():
 # -- the fit stage --------------------------------------------------------------------------------
 
 def test_fit_stage_logs_the_law_and_its_artifacts(mlflow_store, capsys):
-    from scylla.cli import main
+    from scylla.commands.cli import main
 
     log_train_runs(law_frame(seeds=(0, 1)))
     assert main(["fit", "--experiment", "exp", "--stage", "train", "--x", "train_tokens",
@@ -319,7 +319,7 @@ def test_fit_stage_logs_the_law_and_its_artifacts(mlflow_store, capsys):
 
 
 def test_fit_stage_without_runs_is_a_clear_error(mlflow_store, capsys):
-    from scylla.cli import main
+    from scylla.commands.cli import main
 
     assert main(["fit", "--experiment", "nothing", "--x", "a", "--y", "b", "--no-mlflow"]) == 2
     assert "no finished 'train' runs in experiment 'nothing'" in capsys.readouterr().err

@@ -8,20 +8,18 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from decoding_fixtures import random_draft
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from scylla.bench import (Bench, batch_sweep, compare, encode_prompts, format_sweep,
-                          format_table, measure)
-from scylla.cli import main
+from scylla.commands.bench import format_sweep, format_table
+from scylla.commands.cli import main
 from scylla.config import DecodeConfig
 from scylla.data.prompts import Prompt
-from scylla.decoding.forward_cost import forward_cost, format_forward_cost
+from scylla.decoding.bench import Bench, batch_sweep, compare, encode_prompts, measure
+from scylla.decoding.forward_cost import format_forward_cost, forward_cost
 from scylla.decoding.result import DecodeResult, RowStats
 from scylla.errors import DataError
 from scylla.modeling import LlamaFamilyModel
-
-from decoding_fixtures import random_draft
-
 
 USER_DATA_DIR = os.environ.get("SCYLLA_DATA_DIR")  # read before fixtures isolate it
 
@@ -118,7 +116,7 @@ def test_forward_cost_times_each_k_and_leaves_the_caches_as_they_were(tiny_bench
 
 @pytest.mark.real
 def test_prompt_longer_than_the_context_is_refused():
-    from scylla.targets import load_tokenizer
+    from scylla.modeling.targets import load_tokenizer
 
     tok = load_tokenizer("smollm2-135m-instruct")
     long = Prompt(id="long", category="x", turns=["word " * 9000])
@@ -151,7 +149,7 @@ def test_unknown_method_and_target_are_named(capsys, tmp_path):
 @pytest.mark.real
 def test_main_job_baseline_loads_the_models_once_and_logs_both_batch_sizes(
         capsys, monkeypatch, mlflow_store):
-    import scylla.bench as bench_module
+    import scylla.commands.main as main_module
     from scylla.analysis.runs import load_runs
 
     # the real target's converted copy lives in the user's data dir, not the test's
@@ -160,9 +158,8 @@ def test_main_job_baseline_loads_the_models_once_and_logs_both_batch_sizes(
     else:
         monkeypatch.setenv("SCYLLA_DATA_DIR", USER_DATA_DIR)
     loads = []
-    real_load = bench_module.Bench.load
-    monkeypatch.setattr(bench_module.Bench, "load",
-                        classmethod(lambda cls, *a: loads.append(a) or real_load(*a)))
+    real_load = main_module.load_bench
+    monkeypatch.setattr(main_module, "load_bench", lambda *a: loads.append(a) or real_load(*a))
     assert main(["main", "--skip-sweeps", "--num-prompts", "2", "--max-new-tokens", "3"]) == 0
     out = capsys.readouterr().out
     assert len(loads) == 1

@@ -1,13 +1,14 @@
-"""A stage's code identity covers what it imports and nothing else (scylla.code_identity)."""
+"""A stage's code identity covers what it imports and nothing else
+(scylla.pipeline.code_identity)."""
 import shutil
 
 import pytest
 
-from scylla import code_identity
-from scylla.code_identity import PACKAGE_ROOT, code_version, module_files
-from scylla.reuse import StageCall
+from scylla.pipeline import code_identity
+from scylla.pipeline.code_identity import PACKAGE_ROOT, code_version, module_files
+from scylla.pipeline.stages import StageCall
 
-TRAIN = "scylla.drafts.train"
+TRAIN = "scylla.commands.train"  # the train stage's command module
 
 
 @pytest.fixture
@@ -31,7 +32,7 @@ def test_train_code_is_its_import_closure():
     files = relative(module_files(TRAIN), PACKAGE_ROOT)
     # the model, objective, data and the packages on the way are in; analysis is not
     assert {"__init__.py", "drafts/__init__.py", "drafts/train.py", "drafts/module.py",
-            "modeling/model.py", "data/shards.py", "config.py"} <= files
+            "commands/train.py", "modeling/model.py", "data/shards.py", "config.py"} <= files
     assert not any(f.startswith("analysis/") for f in files)
     assert "decoding/engine.py" not in files
 
@@ -41,7 +42,8 @@ def test_editing_an_imported_module_changes_the_version_and_others_do_not(packag
     edit(package / "analysis" / "plots.py")
     edit(package / "decoding" / "tree.py")
     assert code_version(TRAIN, package) == before
-    assert code_version("scylla.bench", package) != code_version("scylla.bench", PACKAGE_ROOT)
+    bench = "scylla.commands.bench"
+    assert code_version(bench, package) != code_version(bench, PACKAGE_ROOT)
     edit(package / "drafts" / "objective.py")  # imported by the training module, transitively
     assert code_version(TRAIN, package) != before
 
@@ -65,8 +67,8 @@ def test_each_stage_call_is_keyed_by_its_own_code():
     fit = StageCall("fit", {}, "e")
     simulated = StageCall("train", {}, "e", simulated=True)
     versions = {c.stage + str(c.simulated): code_identity.code_version(m) for c, m in [
-        (train, TRAIN), (decode, "scylla.bench"), (fit, "scylla.analysis.fit_stage"),
-        (simulated, "scylla.sweep_simulate")]}
+        (train, TRAIN), (decode, "scylla.commands.bench"), (fit, "scylla.commands.fit"),
+        (simulated, "scylla.pipeline.simulate")]}
     assert len(set(versions.values())) == 4
-    from scylla.reuse import code_version as call_version
+    from scylla.pipeline.stages import code_version as call_version
     assert [call_version(c) for c in (train, decode, fit, simulated)] == list(versions.values())

@@ -1,7 +1,7 @@
 """Config validation names the bad field; the CLI turns dataclass fields into flags."""
 import pytest
 
-from scylla.cli import main
+from scylla.commands.cli import main
 from scylla.config import DecodeConfig, DraftConfig, TargetSpec, TrainConfig
 from scylla.errors import ConfigError
 

@@ -9,7 +9,7 @@ import pytest
 
 from scylla.data.chat_tokens import tokenize_conversation, tokenize_conversations
 from scylla.errors import DataError
-from scylla.targets import load_tokenizer
+from scylla.modeling.targets import load_tokenizer
 
 # Written for these tests (equivalent in behaviour to the families they are named after).
 QWEN_STYLE = (

@@ -10,7 +10,7 @@ from scylla.data.conversations import Conversation
 from scylla.data.corpus import TokenizedCorpus, load_corpus
 from scylla.data.split import split_conversations
 from scylla.errors import DataError
-from scylla.targets import load_tokenizer
+from scylla.modeling.targets import load_tokenizer
 
 pytestmark = pytest.mark.real  # the SmolLM2 tokenizer
 

@@ -7,17 +7,22 @@ from pathlib import Path
 
 import pytest
 
-from scylla.data.prompts import (Prompt, load_prompts, prompt_ids, prompts_from,
-                                 sharegpt_prompts, spread_over_categories)
+import scylla
+from scylla.data.prompts import (
+    Prompt,
+    load_prompts,
+    prompt_file,
+    prompt_ids,
+    prompts_from,
+    sharegpt_prompts,
+    spread_over_categories,
+)
 from scylla.data.sharegpt import load_sharegpt
 from scylla.data.split import is_validation
 from scylla.errors import DataError
-from scylla.targets import load_tokenizer
+from scylla.modeling.targets import load_tokenizer
 
-SPEC_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_bench" / \
-    "question.jsonl"
-needs_spec_bench = pytest.mark.skipif(not SPEC_BENCH.is_file(),
-                                      reason=f"Spec-Bench not at {SPEC_BENCH}")
+SPEC_BENCH = "spec-bench"  # shipped inside the package (scylla/data/spec_bench)
 
 
 def write_jsonl(path, rows):
@@ -25,8 +30,9 @@ def write_jsonl(path, rows):
     return path
 
 
-@needs_spec_bench
-def test_spec_bench_has_480_prompts_in_13_categories():
+def test_spec_bench_ships_in_the_package_with_480_prompts_in_13_categories():
+    assert prompt_file(SPEC_BENCH).is_relative_to(Path(scylla.__file__).parent)
+    assert (prompt_file(SPEC_BENCH).parent / "README.md").read_text().count("Apache") == 1
     prompts = load_prompts(SPEC_BENCH)
     counts = collections.Counter(p.category for p in prompts)
     assert len(prompts) == 480 and len(counts) == 13
@@ -34,7 +40,6 @@ def test_spec_bench_has_480_prompts_in_13_categories():
     assert prompts[0].id == "81" and len(prompts[0].turns) == 2
 
 
-@needs_spec_bench
 def test_num_prompts_is_spread_over_the_categories():
     forty = load_prompts(SPEC_BENCH, num_prompts=40)
     counts = collections.Counter(p.category for p in forty)

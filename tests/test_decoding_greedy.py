@@ -11,9 +11,8 @@ import dataclasses
 
 import pytest
 import torch
+from decoding_fixtures import OracleDraft, prompts_of, random_draft, tiny_target
 
-from decoding_fixtures import (OracleDraft, prompts_of,
-                               random_draft, tiny_target)
 from scylla.config import DecodeConfig
 from scylla.decoding import METHODS
 from scylla.decoding.plain import plain_decode

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from scylla.cli import main
+from scylla.commands.cli import main
 from scylla.config import DecodeConfig
 from scylla.decoding import METHODS
 
@@ -24,7 +24,7 @@ QUESTIONS = ["Repeat after me: the quick brown fox jumps over the lazy dog.",
 @pytest.fixture(scope="module")
 def real():
     from scylla.drafts import draft_spec, instantiate, load_draft
-    from scylla.targets import load_target
+    from scylla.modeling.targets import load_target
 
     target = load_target("smollm2-135m-instruct")
     if os.environ.get("SCYLLA_TEST_DRAFT"):

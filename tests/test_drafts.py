@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from drafts_fixtures import tiny_target
+
 from scylla.drafts import DraftModel, draft_spec, instantiate, load_draft, save_draft
 from scylla.drafts.objective import chain_counts, objective, tau_chain
 from scylla.drafts.unroll import unroll

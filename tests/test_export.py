@@ -11,17 +11,32 @@ import json
 
 import pytest
 import torch
+from drafts_fixtures import tiny_target
 from safetensors.torch import load_file
 from torch import nn
 from transformers import LlamaConfig
-from transformers.models.llama.modeling_llama import (LlamaAttention, LlamaDecoderLayer,
-                                                      LlamaMLP, LlamaRMSNorm,
-                                                      LlamaRotaryEmbedding)
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    LlamaMLP,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+)
 
-from drafts_fixtures import tiny_target
-from scylla.cli import main
-from scylla.drafts import (DraftModel, Eagle3Draft, ScyllaDraft, ServedEagleDraft, draft_spec,
-                           export_draft, import_export, instantiate, save_draft)
+from scylla.commands.cli import main
+from scylla.drafts import (
+    DraftModel,
+    Eagle3Draft,
+    ScyllaDraft,
+    ServedEagleDraft,
+    draft_spec,
+    export_draft,
+    from_pretrained,
+    import_export,
+    instantiate,
+    save_draft,
+    save_pretrained,
+)
 from scylla.drafts.card import read_bench
 from scylla.drafts.export import engine_layers
 from scylla.errors import ConfigError, DataError, DraftMismatchError
@@ -242,10 +257,10 @@ def test_save_pretrained_round_trip_and_model_card(target, tmp_path):
     draft = scylla_draft(target, True)
     extra = {"train": {"train_tokens": 4096, "seed": 3, "lr": 3e-4}, "ttt_steps": 2,
              "corpus": "sharegpt"}
-    draft.save_pretrained(tmp_path, extra=extra, metrics={"val/tau_chain": 1.875}, bench=BENCH)
+    save_pretrained(draft, tmp_path, extra=extra, metrics={"val/tau_chain": 1.875}, bench=BENCH)
     assert {p.name for p in tmp_path.iterdir()} == {"draft.json", "draft.safetensors",
                                                      "README.md"}
-    back = DraftModel.from_pretrained(tmp_path, target)
+    back = from_pretrained(tmp_path, target)
     assert isinstance(back, ScyllaDraft)
     assert_same_function(draft, back, target)
     card = (tmp_path / "README.md").read_text()
@@ -264,9 +279,9 @@ def test_save_pretrained_round_trip_and_model_card(target, tmp_path):
 def test_served_drafts_save_as_their_export(target, tmp_path):
     draft = import_export(export_draft(scylla_draft(target, True), tmp_path / "x", "eagle"),
                           target)
-    draft.save_pretrained(tmp_path / "y")
+    save_pretrained(draft, tmp_path / "y")
     assert (tmp_path / "y/config.json").is_file() and not (tmp_path / "y/draft.json").exists()
-    back = DraftModel.from_pretrained(tmp_path / "y", target)
+    back = from_pretrained(tmp_path / "y", target)
     assert isinstance(back, ServedEagleDraft)
     assert_same_function(draft, back, target)
     card = (tmp_path / "y/README.md").read_text()

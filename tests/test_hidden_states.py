@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-
 from drafts_fixtures import header, synthetic_examples, tiny_target
+
 from scylla.data.hidden_states import build_shards, forward_batches
 from scylla.data.shards import ShardReader, budget_prefix, load_manifest
 from scylla.errors import DataError

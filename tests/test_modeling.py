@@ -217,7 +217,7 @@ def test_errors_name_the_problem():
 @pytest.mark.real
 @torch.inference_mode()
 def test_real_smollm2_equals_hf():
-    from scylla.targets import load_hf_model, load_tokenizer
+    from scylla.modeling.targets import load_hf_model, load_tokenizer
 
     hf = load_hf_model("smollm2-135m-instruct")
     tok = load_tokenizer("smollm2-135m-instruct")

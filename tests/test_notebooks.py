@@ -12,7 +12,7 @@ import nbformat
 import pandas as pd
 
 from scylla.analysis.report import NOTEBOOKS
-from scylla.sweep import reproduce
+from scylla.pipeline.sweep import reproduce
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,8 +1,8 @@
 """The project's two dependency lists agree, and the console script is declared."""
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,4 +23,4 @@ def test_environment_yml_names_the_same_packages_as_pyproject():
 def test_torch_pin_is_exact_and_in_one_place():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert "torch==2.13.0" in project["dependencies"]
-    assert project["scripts"]["scylla"] == "scylla.cli:main"
+    assert project["scripts"]["scylla"] == "scylla.commands.cli:main"

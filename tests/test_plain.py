@@ -121,7 +121,7 @@ def test_bad_prompts_raise_data_error_naming_the_prompt():
 
 @pytest.mark.real
 def test_real_smollm2_greedy_equals_hf():
-    from scylla.targets import load_hf_model, load_tokenizer
+    from scylla.modeling.targets import load_hf_model, load_tokenizer
 
     hf = load_hf_model("smollm2-135m-instruct")
     tok = load_tokenizer("smollm2-135m-instruct")

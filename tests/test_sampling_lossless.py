@@ -13,10 +13,10 @@ import dataclasses
 
 import pytest
 import torch
+from decoding_fixtures import BOS, OracleDraft, random_draft, tiny_target
 from scipy.stats import chi2
 
 import scylla.decoding.engine as engine
-from decoding_fixtures import BOS, OracleDraft, random_draft, tiny_target
 from scylla.config import DecodeConfig
 from scylla.decoding import METHODS, sampling
 from scylla.decoding.tree import Candidates, Tree

@@ -18,13 +18,15 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from scylla import tracking
+from scylla import store
 from scylla.analysis.runs import load_runs
+from scylla.commands.mlproject import stage_entry
 from scylla.errors import ConfigError
-from scylla.reuse import Outcome, StageCall, StageFailedError
-from scylla.sweep import run_sweep, stage_entry
-from scylla.sweep_dispatch import Backend, dispatch
-from scylla.sweep_spec import load_sweep
+from scylla.experiments import load_sweep
+from scylla.pipeline.dispatch import Backend, dispatch
+from scylla.pipeline.reuse import Outcome
+from scylla.pipeline.stages import StageCall, StageFailedError
+from scylla.pipeline.sweep import run_sweep
 
 BIN = Path(sys.executable).parent
 
@@ -90,7 +92,7 @@ def write_sweep(tmp_path: Path, name: str) -> Path:
         name: {name}
         profiles:
           quick:
-            hidden_states: {{params: {{train_tokens: 4000, no_progress: true}}}}
+            hidden_states: {{params: {{build_tokens: 4000, no_progress: true}}}}
             train:
               params: {{draft_n_layer: 1}}
               grid:
@@ -182,15 +184,15 @@ def test_sweep_dispatches_calls_as_mlflow_project_runs(remote, tmp_path, monkeyp
 
 
 def test_entry_point_params_rebuild_the_drivers_call(mlflow_store, tmp_path, monkeypatch):
-    """What `scylla.sweep_dispatch` sends as `-P` params gives the entry point the same run
+    """What `scylla.pipeline.dispatch` sends as `-P` params gives the entry point the same run
     key and the same stage flags as the driver's call (booleans, None, labels, upstream)."""
-    from scylla import sweep
-    from scylla.sweep_dispatch import entry_parameters
-    from scylla.sweep_stages import to_argv
+    from scylla.commands import mlproject
+    from scylla.pipeline.dispatch import entry_parameters
+    from scylla.pipeline.stages import to_argv
 
     monkeypatch.chdir(tmp_path)
     client = mlflow.MlflowClient()
-    up = client.create_run(tracking.experiment_id("rt"), tags={"stage": "train",
+    up = client.create_run(store.experiment_id("rt"), tags={"stage": "train",
                                                                "draft": "/d"})
     call = StageCall("decode", {"decode_batch_size": 4, "no_progress": True, "lr": 0.001,
                                 "compile": False, "methods": "plain,tree", "prompts": None},
@@ -202,7 +204,7 @@ def test_entry_point_params_rebuild_the_drivers_call(mlflow_store, tmp_path, mon
         seen.append(c)
         return Outcome([call.upstream], True, 0.0)
 
-    monkeypatch.setattr(sweep, "execute", execute)
+    monkeypatch.setattr(mlproject, "execute", execute)
     argv = [x for k, v in entry_parameters(call).items() for x in (f"--{k}", v)]
     assert stage_entry("decode", argv + ["--log_experiment", "rt"], tmp_path) == 0
     (rebuilt,) = seen
@@ -227,7 +229,7 @@ class FakeProjectRun:
 
     def wait(self):
         self.events.append(("wait", self.entry))
-        if self.parameters.get("train_tokens") == "666":
+        if self.parameters.get("build_tokens") == "666":
             self.status = "FAILED"
             return False
         os.environ["MLFLOW_RUN_ID"] = self.run_id  # as the backend sets it for the job
@@ -255,17 +257,17 @@ def test_parallel_dispatch_submits_a_stage_at_once_and_stops_on_failure(
     config = tmp_path / "kube.json"
     config.write_text("{}")
     backend = Backend("kubernetes", str(config), parallel=True)
-    calls = [StageCall("hidden_states", {"train_tokens": n, "no_progress": True}, "par",
+    calls = [StageCall("hidden_states", {"build_tokens": n, "no_progress": True}, "par",
                        labels={"variant": f"v{n}"}, simulated=True) for n in (100, 200)]
     outs = list(dispatch(calls, backend))
     assert FakeProjectRun.events == [("submit", "hidden_states")] * 2 + [
         ("wait", "hidden_states")] * 2
     assert [o.reused for o in outs] == [False, False]
-    assert [o.runs[0].data.params["train_tokens"] for o in outs] == ["100", "200"]
+    assert [o.runs[0].data.params["build_tokens"] for o in outs] == ["100", "200"]
     assert outs[1].runs[0].data.params["variant"] == "v200"
 
     FakeProjectRun.events = []
-    failing = [StageCall("hidden_states", {"train_tokens": n}, "par", simulated=True)
+    failing = [StageCall("hidden_states", {"build_tokens": n}, "par", simulated=True)
                for n in (666, 300)]
     with pytest.raises(StageFailedError, match="project run .* on backend kubernetes failed"):
         list(dispatch(calls + failing, backend))  # the first two are reused, not dispatched
@@ -278,7 +280,7 @@ def test_backend_flags_are_checked(tmp_path):
         Backend("kubernetes")
     with pytest.raises(ConfigError, match="not an existing .json file"):
         Backend("databricks", str(tmp_path / "cluster.json"))
-    from scylla import sweep
+    from scylla.commands import sweep
 
     args = argparse.Namespace(sweeps=["x"], profile="quick", simulate=True, takeover=False,
                               backend=None, backend_config="c.json", parallel=False)
@@ -289,7 +291,7 @@ def test_backend_flags_are_checked(tmp_path):
 # -- Lightning strategies ---------------------------------------------------------------------
 
 def train_parser() -> argparse.ArgumentParser:
-    from scylla.drafts import train
+    from scylla.commands import train
 
     parser = argparse.ArgumentParser()
     train.add_arguments(parser)
@@ -300,7 +302,7 @@ def test_fsdp_on_cpu_is_one_clear_line(capsys):
     import lightning as L
     import torch
 
-    from scylla.cli import main
+    from scylla.commands.cli import main
     from scylla.drafts.train import check_strategy
 
     # Lightning itself refuses (issue #21812); if this starts passing, revisit the docs
@@ -320,12 +322,13 @@ def test_fsdp_on_cpu_is_one_clear_line(capsys):
 
 def test_num_nodes_and_devices_reach_the_trainer(tmp_path, monkeypatch):
     import lightning as L
+    from drafts_fixtures import synthetic_examples, tiny_target
     from lightning.pytorch.strategies import DDPStrategy
 
-    from drafts_fixtures import synthetic_examples, tiny_target
+    from scylla.commands.train import started_as_rank_zero, trainer_placement
     from scylla.config import DraftConfig, TrainConfig
     from scylla.drafts.data import online_features, tokenized_source
-    from scylla.drafts.train import started_as_rank_zero, train_draft, trainer_placement
+    from scylla.drafts.train import train_draft
 
     args = train_parser().parse_args(["--devices", "2", "--num-nodes", "3", "--strategy",
                                       "ddp", "--accelerator", "cpu"])

@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from scylla.bench import Bench, load_bench_prompts, run_bench
+from scylla.commands.bench import load_bench, load_bench_prompts, run_bench
 from scylla.config import DecodeConfig, TargetSpec
 
 PROMPTS = 2000
@@ -35,7 +35,7 @@ WORDS = ("cache token draft verify tree model batch layer prompt speed answer qu
 
 @pytest.fixture(scope="module")
 def tiny_target(tmp_path_factory):
-    from scylla.targets import load_tokenizer
+    from scylla.modeling.targets import load_tokenizer
 
     tok = load_tokenizer("smollm2-135m-instruct")
     torch.manual_seed(0)
@@ -81,7 +81,7 @@ def test_2000_prompts_through_bench_in_one_process_with_stable_memory(tiny_targe
     prompts = load_bench_prompts(str(path), PROMPTS)
     assert len(prompts) == PROMPTS
     process = psutil.Process()
-    bench = Bench.load(spec, None)
+    bench = load_bench(spec, None)
     start = time.perf_counter()
     rss = [rss_mb(process)]  # rss[k]: after k chunks
     for lo in range(0, PROMPTS, CHUNK):

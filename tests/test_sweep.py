@@ -14,14 +14,17 @@ from pathlib import Path
 
 import mlflow
 import pytest
-
-from scylla import machine, process_owner, reuse, tracking
-from scylla.errors import ConfigError
-from scylla.reuse import StageBusyError, StageCall, StageFailedError, execute
-from scylla.sweep import parse_pairs, run_sweep, stage_entry
-from scylla.sweep_spec import load_sweep, sweep_paths
-from scylla.sweep_stages import to_argv
 from sweep_fixtures import TINY
+
+from scylla import store
+from scylla.commands.mlproject import parse_pairs, stage_entry
+from scylla.errors import ConfigError
+from scylla.experiments import load_sweep, sweep_paths
+from scylla.pipeline import machine, reuse, stages, tracking
+from scylla.pipeline import owner as process_owner
+from scylla.pipeline.reuse import StageBusyError, execute
+from scylla.pipeline.stages import StageCall, StageFailedError, to_argv
+from scylla.pipeline.sweep import run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,9 +69,9 @@ def test_the_four_sweep_files_cover_what_the_issue_asks():
 def test_sweep_flags_parse_with_the_real_stage_clis():
     """Every stage's params are flags of its `scylla` subcommand (a typo fails here, not
     after hours of a sweep)."""
-    from scylla.cli import SUBCOMMANDS
-    from scylla.sweep import _check_flags
-    from scylla.sweep_stages import STAGES
+    from scylla.commands.cli import SUBCOMMANDS
+    from scylla.pipeline.stages import STAGES
+    from scylla.pipeline.sweep import _check_flags
 
     missing = [w.subcommand for w in STAGES.values() if w.subcommand not in SUBCOMMANDS]
     if missing:
@@ -126,7 +129,7 @@ def test_unknown_profile_and_file():
 def test_a_missing_input_file_fails_every_sweep_before_any_runs(tmp_path, monkeypatch):
     """The main job checks all sweep files first: a prompts file missing in the last sweep
     fails at once, naming the file, before the first sweep spends minutes."""
-    from scylla import sweep
+    from scylla.pipeline import sweep
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "hi"}\n')
@@ -154,14 +157,14 @@ def test_flags_and_pairs():
         parse_pairs(["--a"])
 
 
-def test_a_stage_this_checkout_lacks_is_a_clear_error(monkeypatch):
-    from scylla import cli
-    from scylla.sweep_stages import stage_module
+def test_every_stage_runs_a_command_of_the_cli_and_an_unknown_stage_is_a_clear_error():
+    from scylla.commands.cli import SUBCOMMANDS
+    from scylla.pipeline.stages import STAGES, stage_module_name
 
-    monkeypatch.setattr(cli, "SUBCOMMANDS", {k: v for k, v in cli.SUBCOMMANDS.items()
-                                             if k != "bench"})
-    with pytest.raises(ConfigError, match="runs `scylla bench`, which this checkout"):
-        stage_module("decode")
+    for stage, wiring in STAGES.items():
+        assert SUBCOMMANDS[wiring.subcommand][0] == stage_module_name(stage), stage
+    with pytest.raises(ConfigError, match="unknown stage 'decoder'; stages: hidden_states"):
+        stage_module_name("decoder")
 
 
 # -- reuse -----------------------------------------------------------------------------------------
@@ -186,7 +189,7 @@ def test_a_finished_call_is_reused_and_a_changed_one_is_not(mlflow_store, monkey
     assert again.runs[0].data.tags["scylla.complete"] == "1"
     assert again.runs[0].data.tags["machine"] == machine.description()  # where it ran
     assert not execute(StageCall("train", {"train_tokens": 20}, "e"), fake_stage).reused
-    monkeypatch.setattr(reuse, "code_version", lambda call: "other-code")
+    monkeypatch.setattr(stages, "code_version", lambda call: "other-code")
     assert not execute(call, fake_stage).reused  # new code: run again
     assert len(finished()) == 3
 
@@ -197,7 +200,7 @@ def dead_attempt(call: StageCall, status: str) -> str:
     ctx = reuse.context(call, "dead")
     ctx["tags"]["scylla.owner"] = f"{socket.gethostname()}:{2**22 + 1}:1"
     client = mlflow.MlflowClient()
-    exp = tracking.experiment_id(call.experiment)
+    exp = store.experiment_id(call.experiment)
     run = client.create_run(exp, tags={"stage": call.stage, **ctx["tags"]})
     if status != "RUNNING":
         client.set_terminated(run.info.run_id, status)
@@ -219,7 +222,7 @@ def test_a_live_owner_is_not_run_over(mlflow_store):
     ctx = reuse.context(call, "live")
     parent = os.getppid()  # alive while this test runs
     ctx["tags"]["scylla.owner"] = process_owner.owner_id(parent)
-    mlflow.MlflowClient().create_run(tracking.experiment_id("e"),
+    mlflow.MlflowClient().create_run(store.experiment_id("e"),
                                      tags={"stage": "train", **ctx["tags"]})
     with pytest.raises(StageBusyError, match="is being run by process"):
         execute(call, fake_stage)
@@ -233,7 +236,7 @@ def test_a_failing_stage_marks_its_runs_failed(mlflow_store):
     call = StageCall("train", {"train_tokens": 10}, "e")
     with pytest.raises(RuntimeError):
         execute(call, boom)
-    (run,) = mlflow.search_runs([tracking.experiment_id("e")], output_format="list")
+    (run,) = mlflow.search_runs([store.experiment_id("e")], output_format="list")
     assert run.info.status == "FAILED" and "scylla.incomplete" in run.data.tags
     assert not execute(call, fake_stage).reused
 
@@ -281,7 +284,7 @@ def runs_of(experiment: str):
 def test_a_killed_sweep_restarted_finishes_once_per_point(mlflow_store, tmp_path):
     path = write_sweep(tmp_path, TINY)
     env = {**os.environ, "SCYLLA_SIMULATE_SECONDS": "0.4", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "scylla.cli", "sweep", str(path),
+    proc = subprocess.Popen([sys.executable, "-m", "scylla.commands.cli", "sweep", str(path),
                              "--profile", "quick", "--simulate"], env=env, cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -356,7 +359,7 @@ def test_outputs_gone_from_this_machine_are_made_again_only_when_needed(mlflow_s
     finished = [r for r in runs if r.info.status == "FINISHED"]
     assert sum(r.data.tags["stage"] == "train" for r in finished) == 6  # 3 made twice
     assert sum(r.data.tags["stage"] == "decode" for r in finished) == 3 * 3 * 2
-    from scylla.sweep_stages import output_gone
+    from scylla.pipeline.stages import output_gone
     trains = [r for r in finished if r.data.tags["stage"] == "train"]
     # the remade drafts are on disk, in their point's directory, where the old runs' tags point
     assert not any(output_gone(r) for r in trains)
@@ -371,23 +374,23 @@ def test_stage_entry_reuses_under_a_launcher_run(mlflow_store, monkeypatch, tmp_
     client = mlflow.MlflowClient()
     launchers = []
     for _ in range(2):
-        launcher = client.create_run(tracking.experiment_id("mlp"))
+        launcher = client.create_run(store.experiment_id("mlp"))
         launchers.append(launcher.info.run_id)
         monkeypatch.setenv("MLFLOW_RUN_ID", launcher.info.run_id)
-        assert stage_entry("hidden_states", ["--simulate", "true", "--train_tokens", "5000"],
+        assert stage_entry("hidden_states", ["--simulate", "true", "--build_tokens", "5000"],
                            tmp_path) == 0
     first, second = (mlflow.get_run(i).data.tags for i in launchers)
     assert first["scylla.reused"] == "0" and second["scylla.reused"] == "1"
     assert first["scylla.stage_runs"] == second["scylla.stage_runs"]
     (run,) = [r for r in runs_of("mlp") if r.data.tags.get("stage") == "hidden_states"]
     assert run.data.tags["mlflow.parentRunId"] == launchers[0]
-    launcher = client.create_run(tracking.experiment_id("mlp"))
+    launcher = client.create_run(store.experiment_id("mlp"))
     monkeypatch.setenv("MLFLOW_RUN_ID", launcher.info.run_id)
     assert stage_entry("train", ["--simulate", "true", "--upstream_run_id", run.info.run_id,
                                  "--train_tokens", "1000"], tmp_path) == 0
     (train,) = [r for r in runs_of("mlp") if r.data.tags.get("stage") == "train"]
     assert train.data.params["shards"] == run.data.tags["shards"]
-    assert train.data.params["hidden_states.train_tokens"] == "5000"  # lineage
+    assert train.data.params["build_tokens"] == "5000"  # lineage
     assert "MLFLOW_RUN_ID" not in os.environ  # consumed: the stage must not resume it
     # without a launcher, runs go to the experiment named by log_experiment
     assert stage_entry("train", ["--simulate", "true", "--upstream_run_id", run.info.run_id,

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from scylla import targets
 from scylla.errors import TargetError
+from scylla.modeling import targets
 
 ENTRY = targets.REGISTRY["smollm2-135m-instruct"]
 

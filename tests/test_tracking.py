@@ -11,9 +11,9 @@ from pathlib import Path
 
 import mlflow
 
-from scylla import paths, tracking
-from scylla.process_owner import OWNER_TAG, owner_id
-from scylla.tracking import stage_run
+from scylla import paths, store
+from scylla.pipeline.owner import OWNER_TAG, owner_id
+from scylla.pipeline.tracking import stage_run
 
 
 def test_stage_run_logs_params_and_stage_tag():
@@ -27,7 +27,7 @@ def test_stage_run_logs_params_and_stage_tag():
 
 
 def test_a_run_a_dead_process_left_running_is_closed_by_the_next_stage_run():
-    exp = tracking.experiment_id()  # points MLflow at this test's store first
+    exp = store.experiment_id()  # points MLflow at this test's store first
     client = mlflow.MlflowClient()
     host = socket.gethostname()
     owners = {"dead": f"{host}:{2**22 + 1}:1",  # above Linux's largest pid: no such process
@@ -47,6 +47,18 @@ def test_a_run_a_dead_process_left_running_is_closed_by_the_next_stage_run():
 def test_default_store_is_sqlite_under_mlruns(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert paths.tracking_uri() == f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+
+
+def test_a_store_dir_moves_the_store_and_its_artifacts_out_of_the_checkout(monkeypatch, tmp_path):
+    """`scylla main` writes to out/mlruns this way, leaving the committed mlruns/ untouched."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    with paths.environment({"SCYLLA_STORE_DIR": str(tmp_path / "out" / "mlruns")}):
+        with stage_run("train", {}) as run:
+            mlflow.log_dict({"made": "out"}, "draft.json")
+        assert paths.tracking_uri() == f"sqlite:///{tmp_path / 'out' / 'mlruns' / 'mlflow.db'}"
+    assert (tmp_path / "out" / "mlruns" / "mlflow.db").is_file()
+    assert (tmp_path / "out" / "mlruns" / "artifacts" / "scylla" / run.info.run_id).is_dir()
+    assert not (tmp_path / "mlruns").exists() and "SCYLLA_STORE_DIR" not in os.environ
 
 
 def test_a_store_cloned_to_another_checkout_keeps_its_artifacts_there(monkeypatch, tmp_path):

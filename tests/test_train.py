@@ -7,19 +7,26 @@ from types import SimpleNamespace
 import mlflow
 import pytest
 import torch
+from drafts_fixtures import header, synthetic_examples, tiny_target
 from safetensors.torch import load_file
 
-from drafts_fixtures import header, synthetic_examples, tiny_target
+from scylla.commands.train import mlflow_logger
 from scylla.config import DraftConfig, TrainConfig
 from scylla.data.hidden_states import build_shards
 from scylla.drafts import instantiate, load_draft
-from scylla.drafts.data import (PlanSampler, collate, make_plan, online_features,
-                                shard_source, tokenized_source)
+from scylla.drafts.data import (
+    PlanSampler,
+    collate,
+    make_plan,
+    online_features,
+    shard_source,
+    tokenized_source,
+)
 from scylla.drafts.objective import chain_counts, objective
 from scylla.drafts.train import check_shards, new_draft, train_draft
 from scylla.drafts.unroll import unroll
 from scylla.errors import ConfigError, DataError
-from scylla.tracking import stage_run
+from scylla.pipeline.tracking import stage_run
 
 TRAIN, VAL = 4000, 800
 LAYERS = (2, 3, 4)
@@ -44,8 +51,8 @@ def shards(target, tmp_path_factory):
 
 
 def sources(root, train=TRAIN, val=VAL):
-    return (shard_source(str(root / "train"), train, "train_tokens"),
-            shard_source(str(root / "val"), val, "val_tokens"))
+    return (shard_source(str(root / "train"), train, "train_tokens", "--build-tokens"),
+            shard_source(str(root / "val"), val, "val_tokens", "--val-tokens"))
 
 
 def config(**kw):
@@ -99,7 +106,7 @@ def test_training_learns_logs_to_mlflow_and_saves_a_loadable_draft(target, shard
     train, val = sources(shards)
     with stage_run("train", {"train_tokens": TRAIN, "draft_n_layer": 1}) as run:
         res = train_draft(target, DraftConfig(), config(), train, val, tmp_path,
-                          run_id=run.info.run_id, progress=False)
+                          logger=mlflow_logger(run.info.run_id), progress=False)
     client = mlflow.MlflowClient()
     data = client.get_run(run.info.run_id).data
     assert data.params["draft_params"] == str(res["draft_params"])
@@ -230,8 +237,8 @@ def test_online_mode_equals_training_on_fp32_shards(target, shards, tmp_path):
 
 
 def test_budget_beyond_the_shards_says_how_to_build_them(shards):
-    with pytest.raises(DataError, match="extend it with `scylla hidden-states --train-tokens "
+    with pytest.raises(DataError, match="extend it with `scylla hidden-states --build-tokens "
                                         "99999`"):
-        shard_source(str(shards / "train"), 99999, "train_tokens")
+        shard_source(str(shards / "train"), 99999, "train_tokens", "--build-tokens")
     with pytest.raises(DataError, match="hidden-states --val-tokens 99999`"):
-        shard_source(str(shards / "train"), 99999, "val_tokens")  # an incomplete build
+        shard_source(str(shards / "train"), 99999, "val_tokens", "--val-tokens")  # incomplete

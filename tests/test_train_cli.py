@@ -13,12 +13,12 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-
 from drafts_fixtures import tiny_hf
-from scylla.cli import main
+
+from scylla.commands.cli import main
 from scylla.data.shards import load_manifest
-from scylla.process_owner import OWNER_TAG, owner_id
-from scylla.targets import load_tokenizer
+from scylla.modeling.targets import load_tokenizer
+from scylla.pipeline.owner import OWNER_TAG, owner_id
 
 pytestmark = pytest.mark.real  # the SmolLM2 tokenizer (the target itself is tiny and random)
 
@@ -51,8 +51,8 @@ def common(ws, shards):
             "--max-seq-len", "64", "--shards", str(shards)]
 
 
-def hs_args(ws, shards, train_tokens=3000):
-    return ["hidden-states", *common(ws, shards), "--train-tokens", str(train_tokens),
+def hs_args(ws, shards, build_tokens=3000):
+    return ["hidden-states", *common(ws, shards), "--build-tokens", str(build_tokens),
             "--val-tokens", "300", "--tokens-per-shard", "500"]
 
 
@@ -88,7 +88,7 @@ def test_hidden_states_then_train_log_their_stages(workspace, tmp_path, capsys, 
     assert load_manifest(shards / "val").header["target_argmax"] is True
     (hs,) = runs("hidden_states")
     assert hs.data.metrics["hidden_states/train_tokens_per_s"] > 0
-    assert hs.data.params["train_tokens"] == "3000"
+    assert hs.data.params["build_tokens"] == "3000"
 
     assert main(train_args(workspace, shards, tmp_path / "draft")) == 0
     (tr,) = runs("train")
@@ -108,7 +108,7 @@ def test_hidden_states_then_train_log_their_stages(workspace, tmp_path, capsys, 
 
 def test_train_errors_name_the_problem(workspace, tmp_path, capsys):
     shards = tmp_path / "shards"
-    assert main(hs_args(workspace, shards, train_tokens=1000)) == 0
+    assert main(hs_args(workspace, shards, build_tokens=1000)) == 0
     assert main(train_args(workspace, shards, tmp_path / "d", "--no-mlflow")) == 2
     assert "fewer than train_tokens=2500" in capsys.readouterr().err
     assert main(train_args(workspace, shards, tmp_path / "d", "--no-mlflow", "--kind",
@@ -131,7 +131,8 @@ def test_online_training_needs_no_shards(workspace, tmp_path):
 
 
 def test_a_build_killed_with_sigkill_resumes_to_the_same_shards(workspace, tmp_path):
-    cmd = [sys.executable, "-m", "scylla.cli", *hs_args(workspace, tmp_path / "killed", 6000),
+    cmd = [sys.executable, "-m", "scylla.commands.cli",
+           *hs_args(workspace, tmp_path / "killed", 6000),
            "--build-batch-tokens", "64", "--no-mlflow"]
     proc = subprocess.Popen(cmd, env=subprocess_env(workspace), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -158,7 +159,7 @@ def test_ddp_two_processes_follow_the_single_process_loss_curve(workspace, tmp_p
     assert main(hs_args(workspace, shards)) == 0
     extra = ["--accelerator", "cpu", "--feature-noise", "0"]
     assert main(train_args(workspace, shards, tmp_path / "single", *extra)) == 0
-    cmd = [sys.executable, "-m", "scylla.cli",
+    cmd = [sys.executable, "-m", "scylla.commands.cli",
            *train_args(workspace, shards, tmp_path / "ddp", *extra, "--devices", "2",
                        "--strategy", "ddp")]
     res = subprocess.run(cmd, env=subprocess_env(workspace), capture_output=True, text=True,
@@ -182,7 +183,7 @@ def test_training_killed_with_sigkill_resumes_in_the_same_run(workspace, tmp_pat
     shards = tmp_path / "shards"
     assert main(hs_args(workspace, shards) + ["--no-mlflow"]) == 0
     args = train_args(workspace, shards, tmp_path / "killed", "--checkpoint-every", "2")
-    proc = subprocess.Popen([sys.executable, "-m", "scylla.cli", *args],
+    proc = subprocess.Popen([sys.executable, "-m", "scylla.commands.cli", *args],
                             env=subprocess_env(workspace), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     ckpt = tmp_path / "killed" / "checkpoints" / "last.ckpt"

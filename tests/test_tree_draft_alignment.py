@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from decoding_fixtures import prompts_of, random_draft, tiny_target
+
 from scylla.decoding.drafter import DraftProposer
 from scylla.decoding.expand import chain_shape
 from scylla.decoding.prefill import prefill

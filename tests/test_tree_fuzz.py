@@ -15,8 +15,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from decoding_fixtures import prompts_of, tiny_target
+
 from scylla.decoding.engine import Decoder
 from scylla.decoding.expand import DraftRoot, dynamic_shape, expand, static_shape
 from scylla.decoding.plain import plain_decode

@@ -3,8 +3,8 @@ levels' cache entries to its own ancestors, equals one forward of the whole tree
 from __future__ import annotations
 
 import torch
-
 from decoding_fixtures import tiny_target
+
 from scylla.decoding.tree import ancestor_mask
 
 

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import mlflow
 import pytest
-
-from scylla.sweep import run_sweep
-from scylla.sweep_spec import load_sweep
 from sweep_fixtures import TINY
+
+from scylla.experiments import load_sweep
+from scylla.pipeline.sweep import run_sweep
 
 WINDOW = (1400, 900)
 

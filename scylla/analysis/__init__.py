@@ -5,17 +5,45 @@
     fit = sa.fit_loglinear(runs, "train_tokens", "val/tau_chain", unit="seed")
     sa.plot_theorem_1_1(runs, fit)
 """
-from scylla.analysis.claims import (CLAIMS, chain_steps_note, claim_markdown, loss_note,
-                                    verdict_figure_2, verdict_law, verdict_table_5)
+from scylla.analysis.claims import (
+                                    CLAIMS,
+                                    chain_steps_note,
+                                    claim_markdown,
+                                    loss_note,
+                                    verdict_figure_2,
+                                    verdict_law,
+                                    verdict_table_5,
+)
 from scylla.analysis.fit import LawFit, fit_loglinear, fits_table
-from scylla.analysis.plots import (batch_table, plot_chain_steps, plot_figure_2, plot_law,
-                                   plot_table_5, plot_theorem_1_1, plot_theorem_1_2,
-                                   plot_theorem_1_3, table_5)
-from scylla.analysis.runs import (best_per, category_table, chain_steps, inventory, load_runs,
-                                  per_category)
-from scylla.analysis.sweeps import (FitResult, headline_markdown, overview, save_headline,
-                                    save_points, speed_table, sweep_fits)
-from scylla.sweep_spec import experiment_name
+from scylla.analysis.plots import (
+                                    batch_table,
+                                    plot_chain_steps,
+                                    plot_figure_2,
+                                    plot_law,
+                                    plot_table_5,
+                                    plot_theorem_1_1,
+                                    plot_theorem_1_2,
+                                    plot_theorem_1_3,
+                                    table_5,
+)
+from scylla.analysis.runs import (
+                                    best_per,
+                                    category_table,
+                                    chain_steps,
+                                    inventory,
+                                    load_runs,
+                                    per_category,
+)
+from scylla.analysis.sweeps import (
+                                    FitResult,
+                                    headline_markdown,
+                                    overview,
+                                    save_headline,
+                                    save_points,
+                                    speed_table,
+                                    sweep_fits,
+)
+from scylla.experiments import experiment_name
 
 __all__ = [
     "CLAIMS", "batch_table", "best_per", "category_table", "chain_steps", "chain_steps_note",

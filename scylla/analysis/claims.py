@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from scylla.analysis.fit import LawFit
+from scylla.analysis.runs import category_table, chain_steps
 
 
 @dataclass(frozen=True)
@@ -204,8 +205,6 @@ def loss_note(fit: LawFit) -> str:
 def chain_steps_note(runs: pd.DataFrame, x: str) -> str:
     """Markdown: how much of val/tau_chain - 1 step 1 carries, and how the acceptance at step
     1 and at the later steps moves from the smallest to the largest ``x``."""
-    from scylla.analysis.runs import chain_steps
-
     steps = chain_steps(runs, keep=[x])
     reach = steps.groupby("step")["reach"].mean()
     alpha = steps.groupby([x, "step"])["alpha"].mean().unstack("step")
@@ -224,8 +223,6 @@ def chain_steps_note(runs: pd.DataFrame, x: str) -> str:
 def verdict_figure_2(runs: pd.DataFrame, by: str = "variant", ours: str = "scylla",
                      others: tuple[str, ...] = ("eagle2-style", "eagle3")) -> str:
     """Figure 2: our τ gains over each baseline, overall and per category."""
-    from scylla.analysis.runs import category_table
-
     claim = CLAIMS["figure_2"]
     lines = [f"### Verdict: {claim.title}", f"Paper: {claim.paper}."]
     mean = runs.groupby(by)["decode/tau"].mean() if "decode/tau" in runs.columns else {}

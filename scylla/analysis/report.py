@@ -1,13 +1,13 @@
-"""``scylla report``: execute the notebooks against the tracking store and render HTML.
+"""The report: execute the notebooks against the tracking store and render HTML
+(command: ``scylla report``).
 
 Writes ``<out>/<notebook>.html`` for each notebook, ``<out>/index.html`` linking them, and
-``<out>/points/``: the points behind each figure (CSV) and ``headline.md`` (the README's
-summary tables, written by the overview notebook). ``--inplace`` also saves the executed notebooks over the sources (to
-commit them with their figures, run on the ``paper`` profile).
+``<out>/points/``: the points behind each figure (CSV) and ``headline.md`` (the summary
+tables, written by the overview notebook). ``inplace`` also saves the executed notebooks over
+the sources (to commit them with their figures, run on the ``paper`` profile).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import html
 import os
@@ -15,33 +15,19 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from scylla import paths
 from scylla.errors import ConfigError
+from scylla.experiments import PROFILE_ENV
 
 NOTEBOOKS = ("overview", "theorem_1_1", "theorem_1_2", "theorem_1_3", "figure_2", "table_5")
 
 
 def notebooks_dir() -> Path:
     """``notebooks/`` of the project (``SCYLLA_PROJECT_DIR``/cwd), else of this checkout."""
-    from scylla import paths
-
     for root in (paths.project_dir(), Path(__file__).resolve().parents[2]):
         if (root / "notebooks" / "overview.ipynb").is_file():
             return root / "notebooks"
     raise ConfigError("no notebooks/overview.ipynb in the project dir or beside the package")
-
-
-@contextlib.contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def execute_notebook(path: Path, km: Any = None, timeout: int = 900) -> Any:
@@ -77,7 +63,7 @@ def shared_kernel() -> Iterator[Any]:
         km.shutdown_kernel(now=True)
 
 
-def render_report(out_dir: str | Path, profile: str = "quick", simulated: bool = False,
+def render_report(out_dir: str | Path, profile: str, simulated: bool = False,
                   names: tuple[str, ...] = NOTEBOOKS, inplace: bool = False,
                   one_kernel: bool = True, log: Callable[[str], None] = print) -> Path:
     """Execute ``names`` (``one_kernel``: in one kernel, see ``shared_kernel``) and write the
@@ -85,20 +71,18 @@ def render_report(out_dir: str | Path, profile: str = "quick", simulated: bool =
     import nbformat
     from nbconvert import HTMLExporter
 
-    from scylla import paths
-
     out = Path(out_dir).resolve()
     src = notebooks_dir()
     # notebooks saved in place keep their points beside them, to be committed together
     points = (src if inplace else out) / "points"
     points.mkdir(parents=True, exist_ok=True)
     exporter = HTMLExporter()
-    env = {"SCYLLA_PROFILE": profile, "SCYLLA_SIMULATED": "1" if simulated else "0",
+    env = {PROFILE_ENV: profile, "SCYLLA_SIMULATED": "1" if simulated else "0",
            "SCYLLA_POINTS_DIR": str(points),
            # the kernel's cwd is notebooks/: pin the store the caller resolved
            "MLFLOW_TRACKING_URI": paths.tracking_uri(),
            "SCYLLA_PROJECT_DIR": str(paths.project_dir())}
-    with _environment(env), (shared_kernel() if one_kernel else contextlib.nullcontext()) as km:
+    with paths.environment(env), (shared_kernel() if one_kernel else contextlib.nullcontext()) as km:
         for name in names:
             start = time.perf_counter()
             nb = execute_notebook(src / f"{name}.ipynb", km)
@@ -119,31 +103,3 @@ def render_report(out_dir: str | Path, profile: str = "quick", simulated: bool =
         f"by the overview): <code>{html.escape(os.path.relpath(points, out))}</code>.</p>"
         "</body></html>")
     return out / "index.html"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="notebooks/report",
-                        help="Output directory (default: notebooks/report/).")
-    parser.add_argument("--profile", default=os.environ.get("SCYLLA_PROFILE", "quick"),
-                        help="Sweep profile whose runs the notebooks read (default: "
-                             "$SCYLLA_PROFILE or quick, as `scylla sweep`).")
-    parser.add_argument("--simulated", action="store_true",
-                        help="Read the runs of `scylla sweep --simulate`.")
-    parser.add_argument("--notebooks", default=",".join(NOTEBOOKS),
-                        help="Comma-separated notebooks to run.")
-    parser.add_argument("--inplace", action="store_true",
-                        help="Save the executed notebooks over notebooks/*.ipynb.")
-    parser.add_argument("--kernel-per-notebook", action="store_true",
-                        help="A fresh kernel for each notebook (slower; default: one kernel, "
-                             "its namespace cleared between notebooks).")
-
-
-def run(args: argparse.Namespace) -> int:
-    names = tuple(n.strip() for n in args.notebooks.split(",") if n.strip())
-    unknown = [n for n in names if n not in NOTEBOOKS]
-    if unknown:
-        raise ConfigError(f"--notebooks: unknown {unknown}; choose from {', '.join(NOTEBOOKS)}")
-    index = render_report(args.out, args.profile, args.simulated, names, args.inplace,
-                          one_kernel=not args.kernel_per_notebook)
-    print(f"report: {index}")
-    return 0

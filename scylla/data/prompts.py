@@ -4,6 +4,8 @@ A prompt JSONL line is one of
 - Spec-Bench: ``{"question_id", "category", "turns": [str, ...]}``;
 - plain: ``{"prompt": str}`` or ``{"text": str}`` (optional ``id``, ``category``);
 - a conversation: ``{"conversations"|"messages": [...]}``, whose user messages are the turns.
+
+Spec-Bench ships inside the package (``spec_bench/``, Apache-2.0) and is named ``spec-bench``.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ SHAREGPT_CATEGORY = "sharegpt"
 # Held-out ShareGPT openers longer than this (about 500 tokens; a tenth of them are) are
 # skipped: pasted documents would make prefill, not decoding, dominate a CPU benchmark.
 MAX_PROMPT_CHARS = 2000
+# prompt files known by name (see spec_bench/README.md)
+NAMED_PROMPTS = {"spec-bench": Path(__file__).with_name("spec_bench") / "question.jsonl"}
 
 
 @dataclass(frozen=True)
@@ -80,11 +84,17 @@ def spread_over_categories(prompts: Sequence[Prompt], n: int) -> list[Prompt]:
     return [prompts[i] for i in sorted(chosen)]
 
 
+def prompt_file(source: str | Path) -> Path:
+    """The JSONL file of a prompt source: a name of ``NAMED_PROMPTS`` or a path."""
+    return NAMED_PROMPTS.get(str(source), Path(source))
+
+
 def load_prompts(path: str | Path, num_prompts: int | None = None,
                  categories: Iterable[str] | None = None) -> list[Prompt]:
-    """Prompts of a JSONL file, optionally only ``categories`` and ``num_prompts`` of them
-    spread evenly over the categories (see ``spread_over_categories``)."""
-    path = Path(path)
+    """Prompts of a JSONL file (or of a named one, ``prompt_file``), optionally only
+    ``categories`` and ``num_prompts`` of them spread evenly over the categories (see
+    ``spread_over_categories``)."""
+    path = prompt_file(path)
     prompts = [prompt_from_record(obj, f"{path}:{lineno}", f"{path.stem}:{lineno}")
                for lineno, obj in read_jsonl(path)]
     if categories is not None:
@@ -120,7 +130,8 @@ def sharegpt_prompts(n: int | None = None, val_fraction: float = VAL_FRACTION,
 
 def prompts_from(source: str | Path | None, num_prompts: int | None = None,
                  categories: Iterable[str] | None = None) -> list[Prompt]:
-    """A prompt JSONL path, or None / "sharegpt" for the held-out ShareGPT default."""
+    """A prompt JSONL path or name (``spec-bench``), or None / "sharegpt" for the held-out
+    ShareGPT default."""
     if source is None or str(source) == SHAREGPT_CATEGORY:
         if categories is not None:
             raise DataError("categories apply to a prompt file; ShareGPT prompts have none")

@@ -20,6 +20,7 @@ from scylla.decoding.rows import put_cache_rows
 from scylla.decoding.tree import Candidates, Tree
 from scylla.decoding.verify import Verdict
 
+
 def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x (B, K, F), idx (B, M) -> (B, M, F)."""
     return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))

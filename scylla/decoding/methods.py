@@ -1,8 +1,8 @@
 """The decoding methods ``scylla bench`` and ``scylla generate`` call, by name.
 
-Each is ``fn(target, prompts, cfg, draft) -> DecodeResult`` (target: ``scylla.targets.Target``,
-prompts: token ids, cfg: ``DecodeConfig``, draft: a ``DraftModel`` or None); the name, not
-``cfg.method``, decides the method.
+Each is ``fn(target, prompts, cfg, draft) -> DecodeResult`` (target:
+``scylla.modeling.targets.Target``, prompts: token ids, cfg: ``DecodeConfig``, draft: a
+``DraftModel`` or None); the name, not ``cfg.method``, decides the method.
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from scylla.config import DecodeConfig
 from scylla.decoding.drafter import DraftProposer
 from scylla.decoding.engine import Decoder, Proposer
 from scylla.decoding.expand import TreeShape, chain_shape, dynamic_shape, static_shape
-from scylla.decoding.pld import PldProposer
 from scylla.decoding.plain import run_plain
+from scylla.decoding.pld import PldProposer
 from scylla.decoding.result import DecodeResult
 from scylla.decoding.tree import parse_static_tree
 from scylla.errors import ConfigError

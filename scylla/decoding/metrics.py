@@ -60,3 +60,24 @@ def by_category(result: DecodeResult, categories: list[str]) -> dict[str, dict[s
     for cat, s in zip(categories, result.stats):
         groups[cat].append(s)
     return {cat: summarize(rows) for cat, rows in sorted(groups.items())}
+
+
+# the per-category metrics, logged as ``<name>/<category>`` (``decode/tau/writing``)
+PER_CATEGORY = ("decode/tau", "decode/alpha", "decode/tokens_per_s")
+
+
+def decode_metrics(result: DecodeResult, categories: list[str] | None = None,
+                   speedup: float | None = None, exact_match: bool | None = None
+                   ) -> dict[str, float]:
+    """Every ``decode/*`` metric of one call, as the decode stage logs it: ``result_metrics``,
+    ``PER_CATEGORY`` per category, and the comparisons with plain decoding measured in the
+    same run (``decode/speedup``, ``decode/exact_match``). NaN values (the alpha of a method
+    that proposes nothing) are left out: MLflow cannot log them."""
+    out = result_metrics(result)
+    for cat, values in by_category(result, categories or []).items():
+        out.update({f"{k}/{cat}": values[k] for k in PER_CATEGORY})
+    if speedup is not None:
+        out["decode/speedup"] = speedup
+    if exact_match is not None:
+        out["decode/exact_match"] = float(exact_match)
+    return {k: v for k, v in out.items() if v == v}

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -49,21 +50,33 @@ def read_spec(path: str | Path) -> DraftSpec:
         raise DataError(f"{cfg}: malformed draft config ({e})") from e
 
 
-def load_draft(path: str | Path, target: Any) -> DraftModel:
-    """The draft saved at ``path``, wired to ``target``'s frozen embedding and LM head.
+def draft_dir(path: str | Path) -> Path:
+    """``path``, or its ``draft/`` when ``path`` is a ``scylla train`` output directory."""
+    path = Path(path)
+    if not (path / CONFIG).is_file() and (path / "draft" / CONFIG).is_file():
+        return path / "draft"
+    return path
 
-    ``path`` may also be a ``scylla train`` output directory (the draft is its ``draft/``).
-    Raises DraftMismatchError when ``target`` is not the one the draft was trained for.
-    """
-    if not (Path(path) / CONFIG).is_file() and (Path(path) / "draft" / CONFIG).is_file():
-        path = Path(path) / "draft"
+
+def read_checkpoint(path: str | Path) -> tuple[Path, DraftSpec, dict[str, torch.Tensor]]:
+    """(directory, spec, state) of a draft checkpoint (see ``draft_dir``)."""
+    path = draft_dir(path)
     spec = read_spec(path)
-    spec.check_target(target, where=f"draft {path}")
-    weights = Path(path) / WEIGHTS
+    weights = path / WEIGHTS
     try:
-        state = load_file(str(weights))
+        return path, spec, load_file(str(weights))
     except (SafetensorError, OSError) as e:
         raise DataError(f"{weights}: cannot read draft weights ({e})") from e
+
+
+def load_draft(path: str | Path, target: Any) -> DraftModel:
+    """The draft saved at ``path`` (see ``read_checkpoint``), wired to ``target``'s frozen
+    embedding and LM head. Raises DraftMismatchError when ``target`` is not the one the draft
+    was trained for (checked before the weights are read)."""
+    path = draft_dir(path)
+    read_spec(path).check_target(target, where=f"draft {path}")
+    _, spec, state = read_checkpoint(path)
+    weights = path / WEIGHTS
     draft = instantiate(spec, target, state.get("d2t"))
     missing, unexpected = draft.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -22,7 +22,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from scylla.data.shards import ShardReader, budget_prefix
+from scylla.data.shards import ShardReader, budget_prefix, load_manifest
 from scylla.errors import ConfigError, DataError
 
 
@@ -214,15 +214,14 @@ class DraftDataModule(L.LightningDataModule):
                                                       or trainer.sanity_checking)))
 
 
-def shard_source(directory: str, tokens: int, what: str) -> SequenceSource:
-    """The prefix of the shards in ``directory`` reaching ``tokens`` (checked, memory-mapped)."""
-    from scylla.data.shards import load_manifest
-
+def shard_source(directory: str, tokens: int, what: str, build_flag: str) -> SequenceSource:
+    """The prefix of the shards in ``directory`` reaching ``tokens`` (checked, memory-mapped);
+    ``what`` names the budget, ``build_flag`` the `scylla hidden-states` flag that extends it."""
     manifest = load_manifest(directory)
     if manifest.total_tokens < tokens and not manifest.complete:
         raise DataError(f"{directory} holds {manifest.total_tokens} tokens, fewer than "
                         f"{what}={tokens}; extend it with `scylla hidden-states "
-                        f"--{what.replace('_', '-')} {tokens}` (it resumes where it stopped)")
+                        f"{build_flag} {tokens}` (it resumes where it stopped)")
     n_seq, _ = budget_prefix(manifest, tokens)
     reader = ShardReader(directory, n_seq)
     return SequenceSource(reader.get, reader.lengths(),

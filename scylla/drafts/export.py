@@ -1,4 +1,4 @@
-"""``scylla export``: a draft in the layout vLLM and SGLang load as an EAGLE / EAGLE-3 head.
+"""A draft in the layout vLLM and SGLang load as an EAGLE / EAGLE-3 head (``scylla export``).
 
 An export directory holds ``config.json`` (a Llama config whose ``architectures`` names the
 head: ``LlamaForCausalLMEagle`` or ``LlamaForCausalLMEagle3``, names both engines accept),
@@ -22,7 +22,6 @@ What is exported, and how exactly:
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -34,13 +33,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from scylla.drafts import checkpoint
-from scylla.drafts.card import read_bench, train_metrics, write_card
+from scylla.drafts.card import write_card
 from scylla.drafts.model import DraftModel, instantiate
 from scylla.drafts.served import SERVED
-from scylla.drafts.spec import DraftSpec, TargetInfo
+from scylla.drafts.spec import DraftSpec
 from scylla.errors import ConfigError, DataError, DraftMismatchError, TargetError
 from scylla.modeling import ModelConfig
+from scylla.modeling.targets import TargetInfo
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -349,40 +348,3 @@ def import_export(path: str | Path, target: Any) -> DraftModel:
         raise DataError(f"{path / WEIGHTS} does not match {path / CONFIG}: missing {missing}, "
                         f"unexpected {unexpected}")
     return draft.to(dtype=target.model.embed_tokens.weight.dtype).eval()
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-
-def read_checkpoint(path: str | Path) -> tuple[Path, DraftSpec, dict[str, torch.Tensor]]:
-    """(directory, spec, state) of a draft checkpoint or of a ``scylla train`` output."""
-    path = Path(path)
-    if not (path / checkpoint.CONFIG).is_file() and (path / "draft" / checkpoint.CONFIG).is_file():
-        path = path / "draft"
-    spec = checkpoint.read_spec(path)
-    weights = path / checkpoint.WEIGHTS
-    try:
-        return path, spec, load_file(str(weights))
-    except (SafetensorError, OSError) as e:
-        raise DataError(f"{weights}: cannot read draft weights ({e})") from e
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--draft", required=True,
-                        help="Draft checkpoint directory (save_draft / `scylla train` output).")
-    parser.add_argument("--format", required=True, choices=tuple(FORMATS),
-                        help="eagle: EAGLE-1/2 head (from a scylla draft); eagle3: EAGLE-3 head "
-                        "(from an eagle3 draft). See docs/export.md.")
-    parser.add_argument("--out", required=True, help="Directory to write the export to.")
-    parser.add_argument("--bench", default=None, help="A `scylla bench --json` report: adds a "
-                        "tau-per-category table to the model card.")
-
-
-def run(args: argparse.Namespace) -> int:
-    path, spec, state = read_checkpoint(args.draft)
-    out = export_state(spec, state, args.out, args.format, metrics=train_metrics(path),
-                       bench=read_bench(args.bench) if args.bench else None)
-    print(f"wrote {args.format} export of {path} to {out} (config.json, model.safetensors, "
-          "README.md); see docs/export.md for the vLLM / SGLang command lines")
-    return 0

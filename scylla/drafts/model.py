@@ -26,18 +26,29 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scylla.drafts.spec import DraftSpec, TargetInfo, eagle3_layers
+from scylla.data.hidden_states import parse_layers
+from scylla.drafts.spec import DraftSpec
 from scylla.errors import ConfigError
-from scylla.modeling import (MLP, Attention, AttentionStep, DecoderLayer, ForwardOutput,
-                             KVCache, Linear, ModelConfig, RMSNorm, RotaryEmbedding,
-                             attention_step)
+from scylla.modeling import (
+    MLP,
+    Attention,
+    AttentionStep,
+    DecoderLayer,
+    ForwardOutput,
+    KVCache,
+    Linear,
+    ModelConfig,
+    RMSNorm,
+    RotaryEmbedding,
+    attention_step,
+)
+from scylla.modeling.targets import TargetInfo
 
 
 @dataclass
@@ -147,29 +158,6 @@ class DraftModel(nn.Module):
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return draft_ids if self.d2t is None else self.d2t[draft_ids]
 
-    def save_pretrained(self, path: str | Path, extra: dict[str, Any] | None = None,
-                        metrics: dict[str, float] | None = None,
-                        bench: str | Path | dict[str, Any] | None = None) -> Path:
-        """``save_draft`` into ``path`` plus a model card ``README.md`` (training record from
-        ``spec.extra``, ``metrics`` such as ``val/tau_chain``, and the tau-per-category table of
-        a ``scylla bench --json`` report ``bench``)."""
-        from scylla.drafts.card import write_card
-        from scylla.drafts.checkpoint import save_draft
-
-        out = save_draft(self, path, extra)
-        write_card(out, dataclasses.replace(self.spec, extra={**self.spec.extra, **(extra or {})}),
-                   self.draft_params, metrics, bench)
-        return out
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, target: Any) -> "DraftModel":
-        """``load_draft(path, target)``; a directory written by ``scylla export`` (EAGLE /
-        EAGLE-3 layout) is read with ``scylla.drafts.export.import_export``."""
-        from scylla.drafts.checkpoint import load_draft
-        from scylla.drafts.export import import_export, is_export
-
-        return import_export(path, target) if is_export(path) else load_draft(path, target)
-
 
 class ScyllaDraft(DraftModel):
     """EAGLE-2-style draft with ``draft_n_layer`` layers, read out by the target's LM head."""
@@ -252,21 +240,6 @@ class Eagle3Draft(DraftModel):
 
 
 KINDS: dict[str, type[DraftModel]] = {"scylla": ScyllaDraft, "eagle3": Eagle3Draft}
-
-
-def parse_layers(text: str, num_hidden_layers: int) -> tuple[int, ...]:
-    """``"2,15,27"`` -> (2, 15, 27); ``""`` -> EAGLE-3's choice for this target."""
-    if not text.strip():
-        return eagle3_layers(num_hidden_layers)
-    try:
-        layers = tuple(int(s) for s in text.split(","))
-    except ValueError as e:
-        raise ConfigError(f"DraftConfig.feature_layers={text!r}: expected comma-separated "
-                          "integers such as '2,15,27'") from e
-    if not all(1 <= i <= num_hidden_layers for i in layers):
-        raise ConfigError(f"DraftConfig.feature_layers={text!r}: indices must lie in "
-                          f"[1, {num_hidden_layers}] (HF hidden_states of this target)")
-    return layers
 
 
 def draft_spec(kind: str, draft_n_layer: int, target: Any, draft_vocab_size: int = 0,

@@ -12,12 +12,9 @@ the engines serve it.)
   (the rows of a pruned vocabulary). The feature is the target's post-norm last hidden state.
 
 It shares the target's frozen embedding (as the engines do). It is not a training kind; its
-saved form is the export itself (``save_pretrained`` writes it).
+saved form is the export itself (``scylla.drafts.io.save_pretrained`` writes it).
 """
 from __future__ import annotations
-
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -33,14 +30,6 @@ class ServedEagleDraft(DraftModel):
                  target_head_weight: torch.Tensor, d2t: torch.Tensor | None):
         super().__init__(spec, embed_weight, target_head_weight, d2t)
         self.layers[0].input_layernorm = nn.Identity()
-
-    def save_pretrained(self, path: str | Path, extra: dict[str, Any] | None = None,
-                        metrics: dict[str, float] | None = None,
-                        bench: str | Path | dict[str, Any] | None = None) -> Path:
-        """The export itself (``scylla.drafts.export``), with its model card."""
-        from scylla.drafts.export import export_draft
-
-        return export_draft(self, path, "eagle", extra, metrics, bench)
 
 
 SERVED: dict[str, type[DraftModel]] = {"served-eagle": ServedEagleDraft}

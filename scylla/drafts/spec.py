@@ -11,30 +11,7 @@ from typing import Any
 
 from scylla.errors import DraftMismatchError
 from scylla.modeling import ModelConfig
-
-
-@dataclass(frozen=True)
-class TargetInfo:
-    """The identity of a target as far as a draft depends on it."""
-
-    name: str
-    hidden_size: int
-    vocab_size: int
-    num_hidden_layers: int
-
-    @classmethod
-    def of(cls, target: Any) -> "TargetInfo":
-        """From a ``scylla.targets.Target`` (anything with ``.name`` and ``.model.config``)."""
-        c = target.model.config
-        return cls(name=target.name, hidden_size=c.hidden_size, vocab_size=c.vocab_size,
-                   num_hidden_layers=c.num_hidden_layers)
-
-
-def eagle3_layers(num_hidden_layers: int) -> tuple[int, int, int]:
-    """EAGLE-3's low / middle / high features in HF hidden_states indices: (2, L//2, L-3),
-    clamped to [1, L] for tiny targets."""
-    n = num_hidden_layers
-    return tuple(min(max(i, 1), n) for i in (2, n // 2, n - 3))  # type: ignore[return-value]
+from scylla.modeling.targets import TargetInfo
 
 
 @dataclass(frozen=True)

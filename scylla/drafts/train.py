@@ -1,50 +1,46 @@
-"""``scylla train`` (stage ``train``): train a draft on hidden-state shards (or online).
+"""Train a draft on hidden-state shards (or online features) with Lightning.
 
-One MLflow run per training, tagged ``stage=train``: every config field as a param (with
-``train_tokens``, ``draft_n_layer``, ``seed`` among them), the derived ``draft_params``, and the
-metrics of ``scylla.drafts.module``. The output directory holds Lightning's resumable checkpoint
-(``checkpoints/last.ckpt``), the MLflow run id and, at the end, the draft (``draft/``) and
-``result.json``. Run the same command again after a kill and it resumes from the checkpoint,
-in the same MLflow run, and ends where an uninterrupted run ends; once ``result.json`` exists
-the command only reports it.
-
-Multi-process training: ``--devices 2 --strategy ddp`` (on CPU with gloo). Lightning starts the
-other ranks by re-running the command; they find the MLflow run id in ``SCYLLA_TRAIN_RUN_ID``.
-Several nodes: ``--num-nodes N`` with every process started by torchrun or SLURM's srun; then
-only global rank 0 opens the MLflow run (docs/scale-out.md).
+The output directory holds Lightning's resumable checkpoint (``checkpoints/last.ckpt``) and, at
+the end, the draft (``draft/``, with its model card). ``train_draft`` called again on the same
+directory resumes from the checkpoint and ends where an uninterrupted run ends. The command
+and its MLflow run: ``scylla.commands.train``.
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from scylla import paths
-from scylla.config import DraftConfig, TargetSpec, TrainConfig, as_params
-from scylla.data.hidden_states import (HiddenStatesConfig, feature_layer_indices, open_corpus,
-                                       shard_root, slug)
-from scylla.drafts.data import (DraftDataModule, SequenceSource, make_plan, online_features,
-                                prefix_length, shard_source, tokenized_source)
+from scylla.config import DraftConfig, TrainConfig, as_params
+from scylla.data.hidden_states import (
+    HiddenStatesConfig,
+    open_corpus,
+    slug,
+)
+from scylla.drafts.data import (
+    DraftDataModule,
+    SequenceSource,
+    make_plan,
+    prefix_length,
+    shard_source,
+    tokenized_source,
+)
+from scylla.drafts.io import save_pretrained
 from scylla.drafts.model import DraftModel, draft_spec, instantiate
 from scylla.drafts.module import DraftTraining, ttt_steps_of
-from scylla.drafts.spec import TargetInfo
 from scylla.drafts.vocab import build_d2t, token_counts
 from scylla.errors import ConfigError, DataError
+from scylla.modeling.targets import TargetInfo
 
-RUN_ENV = "SCYLLA_TRAIN_RUN_ID"
-RUN_FILE = "mlflow_run.json"
-RESULT_FILE = "result.json"
 CKPT_DIR = "checkpoints"
 # Data flags of `scylla hidden-states` that `scylla train` shares (the budgets come from
 # TrainConfig, the layers from DraftConfig)
-DATA_SKIP = ("train_tokens", "val_tokens", "max_seq_len", "feature_layers", "tokens_per_shard",
+DATA_SKIP = ("build_tokens", "val_tokens", "max_seq_len", "feature_layers", "tokens_per_shard",
              "build_batch_tokens")
 
 
@@ -52,7 +48,7 @@ def data_config(draft_cfg: DraftConfig, cfg: TrainConfig, data: HiddenStatesConf
                 ) -> HiddenStatesConfig:
     """The hidden-states build whose shards this training reads."""
     return dataclasses.replace(
-        data, train_tokens=max(cfg.train_tokens, cfg.pretrain_tokens), val_tokens=cfg.val_tokens,
+        data, build_tokens=max(cfg.train_tokens, cfg.pretrain_tokens), val_tokens=cfg.val_tokens,
         max_seq_len=cfg.max_seq_len,
         feature_layers=(draft_cfg.feature_layers or "eagle3") if draft_cfg.kind == "eagle3" else "")
 
@@ -75,11 +71,11 @@ def check_shards(source: SequenceSource, target: Any, cfg: TrainConfig,
 def shard_sources(root: Path, target: Any, cfg: TrainConfig, layers: tuple[int, ...]
                   ) -> tuple[SequenceSource, SequenceSource | None]:
     budget = max(cfg.train_tokens, cfg.pretrain_tokens)
-    train = shard_source(str(root / "train"), budget, "train_tokens")
+    train = shard_source(str(root / "train"), budget, "train_tokens", "--build-tokens")
     check_shards(train, target, cfg, layers, str(root / "train"))
     val = None
     if cfg.val_tokens:
-        val = shard_source(str(root / "val"), cfg.val_tokens, "val_tokens")
+        val = shard_source(str(root / "val"), cfg.val_tokens, "val_tokens", "--val-tokens")
         check_shards(val, target, cfg, layers, str(root / "val"))
     return train, val
 
@@ -177,14 +173,6 @@ def check_strategy(strategy: str, accelerator: str) -> None:
                           "a GPU machine, or --strategy ddp on CPU")
 
 
-def started_as_rank_zero() -> bool:
-    """False for a process started as another rank than global rank 0 by a cluster
-    launcher: torchrun (RANK), srun (SLURM_PROCID), or by hand on node k > 0 of a general
-    cluster (NODE_RANK). The ranks Lightning itself starts carry RUN_ENV instead."""
-    return all(int(os.environ.get(var) or 0) == 0
-               for var in ("RANK", "SLURM_PROCID", "NODE_RANK"))
-
-
 RUN_PARAMS = "run_params.json"
 
 
@@ -209,12 +197,12 @@ def claim_out_dir(out: Path, params: dict[str, Any]) -> None:
 def train_draft(target: Any, draft_cfg: DraftConfig, cfg: TrainConfig, train: SequenceSource,
                 val: SequenceSource | None, out_dir: str | Path, *,
                 features: Callable[[dict, bool], dict] | None = None,
-                run_id: str | None = None, accelerator: str = "auto", devices: int = 1,
+                logger: Any = False, accelerator: str = "auto", devices: int = 1,
                 num_nodes: int = 1, strategy: str = "auto", progress: bool = True,
                 max_steps: int = -1, corpus: str = "") -> dict[str, Any]:
     """Train (or resume) a draft; returns its metrics, ``draft_params`` and the draft path.
 
-    ``run_id``: an MLflow run to log into (MLFlowLogger, rank 0); ``max_steps`` stops early
+    ``logger``: a Lightning logger (the command's MLflow run), or False; ``max_steps`` stops early
     (tests use it to simulate a kill: the checkpoint then resumes the same plan); ``corpus``
     names the training data in the checkpoint's record (the model card shows it).
     """
@@ -239,11 +227,7 @@ def train_draft(target: Any, draft_cfg: DraftConfig, cfg: TrainConfig, train: Se
                         "plan": plan.digest, "target": TargetInfo.of(target).name})
     module = DraftTraining(draft, cfg, total_steps=len(plan.batches))
     datamodule = DraftDataModule(train, val, plan, cfg.train_batch_size, features)
-    logger: Any = False
-    if run_id is not None:
-        from lightning.pytorch.loggers import MLFlowLogger
-
-        logger = MLFlowLogger(tracking_uri=paths.tracking_uri(), run_id=run_id)
+    if logger:
         logger.log_hyperparams({"draft_params": draft.draft_params})  # rank 0 only
     ckpt = ModelCheckpoint(dirpath=out / CKPT_DIR, filename="step{step}", save_last=True,
                            save_top_k=1, every_n_train_steps=cfg.checkpoint_every)
@@ -265,124 +249,5 @@ def train_draft(target: Any, draft_cfg: DraftConfig, cfg: TrainConfig, train: Se
                  "ttt_steps": ttt_steps_of(cfg, draft_cfg.kind), "plan": plan.digest}
         metrics = {k: v for k, v in result.items() if k.startswith(("train/", "val/"))}
         # the checkpoint plus its model card (target, data, budgets, validation metrics)
-        result["draft"] = str(draft.save_pretrained(out / "draft", extra, metrics))
+        result["draft"] = str(save_pretrained(draft, out / "draft", extra, metrics))
     return result
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from scylla.cli import add_dataclass_args
-
-    add_dataclass_args(parser, TargetSpec)
-    add_dataclass_args(parser, DraftConfig)
-    add_dataclass_args(parser, TrainConfig)
-    add_dataclass_args(parser, HiddenStatesConfig, skip=DATA_SKIP)
-    g = parser.add_argument_group("run")
-    g.add_argument("--out", default="", help="Output directory (checkpoints, draft); '' = "
-                   "derived from the params under the data dir.")
-    g.add_argument("--accelerator", default="auto", help="Lightning accelerator (auto, cpu, gpu).")
-    g.add_argument("--devices", type=int, default=1, help="Processes / devices per node.")
-    g.add_argument("--num-nodes", type=int, default=1, help="Nodes (Lightning's num_nodes); "
-                   "start the command on each with torchrun or srun (docs/scale-out.md).")
-    g.add_argument("--strategy", default="auto", help="Lightning strategy: auto, ddp, "
-                   "ddp_spawn, fsdp (GPUs only), ...")
-    g.add_argument("--no-mlflow", action="store_true", help="Do not log an MLflow run.")
-    g.add_argument("--no-progress", action="store_true", help="No progress bar.")
-
-
-def trainer_placement(args: argparse.Namespace) -> dict[str, Any]:
-    """The flags that place training on devices and nodes, checked before anything loads."""
-    check_strategy(args.strategy, args.accelerator)
-    return dict(accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes,
-                strategy=args.strategy)
-
-
-def resolve_shard_root(data: HiddenStatesConfig, target: Any, layers: tuple[int, ...]) -> Path:
-    if data.shards:
-        return Path(data.shards).expanduser()
-    corpus = open_corpus(data, target.tokenizer, "train")
-    return shard_root(data, target, corpus.dir.name, layers)
-
-
-def run(args: argparse.Namespace) -> int:
-    from scylla.cli import dataclass_from_args
-    from scylla.targets import load_target
-
-    placement = trainer_placement(args)
-    spec = dataclass_from_args(TargetSpec, args)
-    draft_cfg = dataclass_from_args(DraftConfig, args)
-    cfg = dataclass_from_args(TrainConfig, args)
-    data = data_config(draft_cfg, cfg, dataclass_from_args(
-        HiddenStatesConfig, argparse.Namespace(**{k: v for k, v in vars(args).items()
-                                                  if k not in DATA_SKIP})))
-    params = {**as_params(spec), **as_params(draft_cfg), **as_params(cfg),
-              **{k: v for k, v in as_params(data).items() if k not in DATA_SKIP}}
-    target = load_target(spec)
-    layers = feature_layer_indices(data.feature_layers, target.model.config.num_hidden_layers)
-    out = Path(args.out).expanduser() if args.out else default_out(target, params, draft_cfg, cfg)
-    if (out / RESULT_FILE).is_file():
-        print(f"already trained: {out / RESULT_FILE}\n{(out / RESULT_FILE).read_text()}")
-        return 0
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.online:
-        train, val = online_sources(data, target, cfg)
-        features = online_features(target.model, layers)
-    else:
-        train, val = shard_sources(resolve_shard_root(data, target, layers), target, cfg, layers)
-        features = None
-    kwargs = dict(features=features, progress=not args.no_progress, corpus=data.corpus,
-                  **placement)
-    child_run = os.environ.get(RUN_ENV)
-    # a DDP rank started by Lightning (logs into rank 0's run), a rank > 0 started by a
-    # cluster launcher (rank 0 logs), or no tracking
-    if args.no_mlflow or child_run or not started_as_rank_zero():
-        res = train_draft(target, draft_cfg, cfg, train, val, out, run_id=child_run, **kwargs)
-    else:
-        with train_run(out, params) as run_obj:
-            os.environ[RUN_ENV] = run_obj.info.run_id
-            try:
-                res = train_draft(target, draft_cfg, cfg, train, val, out,
-                                  run_id=run_obj.info.run_id, **kwargs)
-            finally:
-                os.environ.pop(RUN_ENV, None)
-            log_result(res)
-    if "draft" in res:
-        (out / RESULT_FILE).write_text(json.dumps(res, indent=1))
-        print(json.dumps({k: res[k] for k in sorted(res) if k.startswith(("val/", "draft"))},
-                         indent=1))
-    return 0
-
-
-def train_run(out: Path, params: dict[str, Any]) -> Any:
-    """The stage's MLflow run: a new one, or the one a killed attempt in ``out`` started."""
-    from scylla.process_owner import OWNER_TAG, owner_id
-    from scylla.tracking import mlflow_client_ready, stage_run
-
-    record = out / RUN_FILE
-    if record.is_file():
-        saved = json.loads(record.read_text())
-        if saved["params"] != json.loads(json.dumps(params, default=str)):
-            raise ConfigError(f"{out} holds a training with other params; use another --out")
-        mlflow = mlflow_client_ready()
-        # this process owns the run now (``scylla.tracking.close_abandoned``)
-        return mlflow.start_run(run_id=saved["run_id"], tags={OWNER_TAG: owner_id()})
-
-    @contextlib.contextmanager
-    def fresh() -> Any:
-        with stage_run("train", params) as run_obj:
-            record.write_text(json.dumps({"run_id": run_obj.info.run_id,
-                                          "params": json.loads(json.dumps(params, default=str))}))
-            yield run_obj
-
-    return fresh()
-
-
-def log_result(res: dict[str, Any]) -> None:
-    import mlflow
-
-    if "draft" in res:
-        mlflow.set_tag("draft", res["draft"])
-        mlflow.log_artifact(str(Path(res["draft"]) / "draft.json"))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from scylla.targets import registry_status
+from scylla.modeling.targets import registry_status
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

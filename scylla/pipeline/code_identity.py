@@ -1,12 +1,12 @@
 """Which code a stage's result depends on: the source of the ``scylla`` modules it imports.
 
-A stage run is reused only while its code is unchanged (``scylla.reuse``). The code of a stage
-is its CLI module and, transitively, every ``scylla`` module named in an ``import`` statement
-of those files (imports inside functions included), with the ``__init__.py`` of each package
-on the way. So a sweep that spans several days survives edits to the notebooks' analysis
+A stage run is reused only while its code is unchanged (``scylla.pipeline.reuse``). The code of
+a stage is its command module and, transitively, every ``scylla`` module named in an ``import``
+statement of those files (imports inside functions included), with the ``__init__.py`` of each
+package on the way. So a sweep that spans several days survives edits to the notebooks' analysis
 helpers or the report, while any change to the model, data, training or decoding code a stage
-runs makes it run again. (The one import by name, ``importlib`` in the CLI dispatch, is what
-picks the stage's module, which is where the walk starts.)
+runs makes it run again. (The imports by name, ``importlib`` in the CLI dispatch and in
+``scylla.pipeline.stages``, pick the stage's module, which is where the walk starts.)
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 
 PACKAGE = "scylla"
-PACKAGE_ROOT = Path(__file__).resolve().parent
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # scylla/, above this pipeline/ folder
 
 
 def module_file(module: str, root: Path) -> Path | None:

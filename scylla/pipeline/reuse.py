@@ -2,9 +2,9 @@
 
 A *call* (stage + params + upstream run + labels) has a ``point_key`` (what was asked) and a
 ``run_key`` (what was asked, by which code: the hash of the ``scylla`` source the stage runs,
-``scylla.code_identity``). Each execution of a call is an *attempt*: the runs the stage logs
-while it executes carry the attempt's tags (``scylla.attempt``, ``scylla.run_key``,
-``scylla.owner``...), passed to ``scylla.tracking.stage_run`` through the run context. Once
+``scylla.pipeline.code_identity``). Each execution of a call is an *attempt*: the runs the stage
+logs while it executes carry the attempt's tags (``scylla.attempt``, ``scylla.run_key``,
+``scylla.owner``...), passed to ``scylla.pipeline.tracking.stage_run`` through the run context. Once
 the stage has returned, every run of the attempt is tagged ``scylla.complete=<number of
 runs>``; only such an attempt is reused.
 
@@ -15,72 +15,22 @@ complete set of FINISHED runs, and nothing half-logged is ever read as a result.
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import os
 import time
 import uuid
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable
 
-from scylla import code_identity, machine, tracking
+from scylla import paths, store
 from scylla.errors import ScyllaError
-from scylla.process_owner import OWNER_TAG, owner_alive, owner_id
-
-TAG = "scylla."  # prefix of every tag this module owns
+from scylla.pipeline import machine, tracking
+from scylla.pipeline.owner import OWNER_TAG, owner_alive, owner_id
+from scylla.pipeline.stages import StageCall, StageFailedError, code_version, normalise
+from scylla.store import TAG
 
 
 class StageBusyError(ScyllaError):
     """Another live process is running the same call right now."""
-
-
-class StageFailedError(ScyllaError):
-    """A stage returned an error status or logged no run; its runs are marked FAILED."""
-
-
-def code_version(call: "StageCall") -> str:
-    """Hash of the source the call's stage runs (``scylla.code_identity``)."""
-    from scylla.sweep_stages import stage_module_name
-
-    return code_identity.code_version(stage_module_name(call.stage, call.simulated))
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def normalise(params: dict[str, Any]) -> dict[str, str]:
-    """Params as MLflow stores them (strings; None as ''), so keys match across routes."""
-    return {k: ("" if v is None else str(v)) for k, v in sorted(params.items())}
-
-
-@dataclass(frozen=True)
-class StageCall:
-    """One execution request of a stage."""
-
-    stage: str
-    params: dict[str, Any]  # passed to the stage (flags) and part of the key
-    experiment: str
-    labels: dict[str, str] = field(default_factory=dict)  # logged as params, not passed
-    upstream: Any = None  # mlflow Run whose output feeds this call, or None
-    simulated: bool = False
-    # defines the call without being passed to the stage (a fit's exact input runs)
-    key_extra: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def point_key(self) -> str:
-        up = None
-        if self.upstream is not None:  # a run made outside any sweep is known by its id
-            up = self.upstream.data.tags.get(TAG + "point_key") or self.upstream.info.run_id
-        return _digest({"stage": self.stage, "params": normalise(self.params),
-                        "labels": normalise(self.labels), "upstream": up,
-                        "simulated": self.simulated, "extra": normalise(self.key_extra)})
-
-    @property
-    def run_key(self) -> str:
-        return _digest({"point": self.point_key, "code": code_version(self)})
 
 
 # -- attempts ---------------------------------------------------------------------------------
@@ -107,7 +57,7 @@ class Attempt:
 
 def find_attempts(experiment: str, run_key: str) -> list[Attempt]:
     """Attempts of a call in an experiment, oldest first."""
-    mlflow = tracking.mlflow_client_ready()
+    mlflow = store.mlflow_client_ready()
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is None:
         return []
@@ -122,7 +72,7 @@ def find_attempts(experiment: str, run_key: str) -> list[Attempt]:
 def mark_incomplete(attempt: Attempt, status: str) -> None:
     """Set an attempt's runs to ``status`` (KILLED/FAILED), keeping the status they had in
     the tag ``scylla.incomplete`` (a FINISHED run may still be claimed, see ``execute``)."""
-    client = tracking.mlflow_client_ready().MlflowClient()
+    client = store.mlflow_client_ready().MlflowClient()
     for r in attempt.runs:
         client.set_tag(r.info.run_id, TAG + "incomplete", r.info.status)
         if r.info.status != status:
@@ -150,28 +100,6 @@ def reusable(call: StageCall, takeover: bool = False) -> list[Any] | None:
                 f"(another host), rerun with --takeover")
         mark_incomplete(a, "KILLED")
     return complete[-1].runs if complete else None
-
-
-@contextlib.contextmanager
-def _environment(name: str, value: str) -> Iterator[None]:
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
-
-
-def output_dir(call: StageCall) -> Path:
-    """Where a call's files go: the same directory for every attempt of one run key, so a
-    restarted stage finds what its killed attempt wrote (complete shards, checkpoints)."""
-    from scylla import paths
-
-    experiment = "".join(c if c.isalnum() or c in "._-" else "_" for c in call.experiment)
-    return paths.data_dir() / "stages" / experiment / call.stage / call.run_key
 
 
 def context(call: StageCall, attempt_id: str, parent_run_id: str | None = None
@@ -212,10 +140,10 @@ def execute(call: StageCall, invoke: Callable[[StageCall], None], takeover: bool
         return Outcome(runs, True, time.perf_counter() - start)
     attempt_id = uuid.uuid4().hex[:12]
     started_ms = int(time.time() * 1000)
-    mlflow = tracking.mlflow_client_ready()
+    mlflow = store.mlflow_client_ready()
     try:
-        with _environment(tracking.CONTEXT_ENV,
-                          json.dumps(context(call, attempt_id, parent_run_id))):
+        with paths.environment({tracking.CONTEXT_ENV:
+                                json.dumps(context(call, attempt_id, parent_run_id))}):
             invoke(call)
     except BaseException as e:
         status = "KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED"
@@ -228,7 +156,7 @@ def execute(call: StageCall, invoke: Callable[[StageCall], None], takeover: bool
     attempt = Attempt(attempt_id, _claim(call, attempt_id, started_ms))
     if not attempt.runs:
         raise StageFailedError(f"stage {call.stage} returned without logging an MLflow run; "
-                               "a stage must open its run with scylla.tracking.stage_run")
+                               "a stage must open its run with scylla.pipeline.tracking.stage_run")
     still_open = [r for r in attempt.runs if r.info.status != "FINISHED"]
     if still_open:
         mark_incomplete(attempt, "FAILED")
@@ -262,7 +190,7 @@ def _claim(call: StageCall, attempt_id: str, started_ms: int) -> list[Any]:
         done = [a for a in attempts if a.attempt_id != attempt_id
                 and all(r.data.tags.get(TAG + "incomplete") == "FINISHED" for r in a.runs)]
         runs = done[-1].runs if done else []
-    client = tracking.mlflow_client_ready().MlflowClient()
+    client = store.mlflow_client_ready().MlflowClient()
     claimed = [r for r in runs if r.data.tags.get(TAG + "attempt") != attempt_id]
     for r in claimed:
         client.set_tag(r.info.run_id, TAG + "attempt", attempt_id)

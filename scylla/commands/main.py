@@ -4,16 +4,28 @@
    our ``plain`` decoding, decode batch sizes 1 and 8, held-out ShareGPT prompts.
 2. The reproduction: every sweep in ``pipelines/sweeps`` at the profile named by
    ``SCYLLA_PROFILE`` (``quick`` by default, ``paper`` for the hours-long runs), stage by
-   stage with run reuse, then the notebooks rendered into ``notebooks/report/index.html``.
-Everything is logged to MLflow (``mlruns/mlflow.db``); a killed job started again finishes
-only what is missing.
+   stage with run reuse, then the notebooks rendered into ``<out>/report/index.html``.
+Everything is logged to the MLflow store ``<out>/mlruns/mlflow.db`` (``--out``, default ``out/``,
+ignored by git), so the job never writes over the committed results in ``mlruns/`` and
+``notebooks/report/``; a killed job started again finishes only what is missing.
 """
 from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
+from scylla import paths
+from scylla.commands.bench import (
+    format_table,
+    load_bench,
+    load_bench_prompts,
+    log_to_mlflow,
+    run_bench,
+)
 from scylla.config import DecodeConfig, TargetSpec
+from scylla.experiments import default_profile
+from scylla.pipeline.sweep import reproduce
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,27 +33,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Prompts of the baseline benchmark.")
     parser.add_argument("--max-new-tokens", type=int, default=64,
                         help="New tokens per prompt in the baseline benchmark.")
-    parser.add_argument("--profile", default=os.environ.get("SCYLLA_PROFILE", "quick"),
+    parser.add_argument("--profile", default=default_profile(),
                         help="Sweep profile: quick (minutes) or paper (hours). "
                              "Default: $SCYLLA_PROFILE, else quick.")
     parser.add_argument("--skip-sweeps", action="store_true",
                         help="Only the baseline benchmark.")
+    parser.add_argument("--out", default="out",
+                        help="Directory of the job's MLflow store (mlruns/) and report "
+                             "(report/); default out/. MLFLOW_TRACKING_URI, when set, names "
+                             "the store instead.")
 
 
 def run(args: argparse.Namespace) -> int:
-    from scylla.bench import Bench, format_table, load_bench_prompts, log_to_mlflow, run_bench
+    out = Path(args.out).expanduser().resolve()
+    store = {} if os.environ.get("SCYLLA_STORE_DIR") else {"SCYLLA_STORE_DIR": str(out / "mlruns")}
+    with paths.environment(store):
+        return job(args, out)
 
+
+def job(args: argparse.Namespace, out: Path) -> int:
     spec = TargetSpec()
     prompts = load_bench_prompts(None, args.num_prompts)
-    bench = Bench.load(spec, None)  # one load of both models for both batch sizes
+    bench = load_bench(spec, None)  # one load of both models for both batch sizes
     for batch in (1, 8):
         cfg = DecodeConfig(max_new_tokens=args.max_new_tokens, decode_batch_size=batch)
         report = run_bench(spec, cfg, ["hf", "plain"], prompts, bench=bench)
         log_to_mlflow(report, spec)
         print(format_table(report), end="\n\n")
     if not args.skip_sweeps:
-        from scylla.sweep import reproduce
-
-        index = reproduce(args.profile)
+        index = reproduce(args.profile, report_dir=out / "report")
         print(f"report: {index}")
     return 0

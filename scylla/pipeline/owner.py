@@ -2,8 +2,8 @@
 
 A run is tagged ``scylla.owner`` = ``host:pid:start ticks`` by the process that opens it. A
 run left RUNNING (the process was SIGKILLed, the machine went down) can then be told apart
-from one still at work: ``scylla.reuse`` closes a sweep's dead attempts with it, and
-``scylla.tracking`` the runs a stage run by hand left behind.
+from one still at work: ``scylla.pipeline.reuse`` closes a sweep's dead attempts with it, and
+``scylla.pipeline.tracking`` the runs a stage run by hand left behind.
 """
 from __future__ import annotations
 

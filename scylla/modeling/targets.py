@@ -22,8 +22,7 @@ import torch
 from scylla import paths
 from scylla.config import TargetSpec
 from scylla.errors import TargetError
-
-
+from scylla.modeling.model import LlamaFamilyModel
 
 
 @dataclass(frozen=True)
@@ -204,9 +203,24 @@ class Target:
         return self.model.config.eos_token_ids
 
 
-def load_target(spec: TargetSpec | str) -> Target:
-    from scylla.modeling import LlamaFamilyModel
+@dataclass(frozen=True)
+class TargetInfo:
+    """The identity of a target as far as a draft depends on it."""
 
+    name: str
+    hidden_size: int
+    vocab_size: int
+    num_hidden_layers: int
+
+    @classmethod
+    def of(cls, target: Any) -> "TargetInfo":
+        """From a ``Target`` (anything with ``.name`` and ``.model.config``)."""
+        c = target.model.config
+        return cls(name=target.name, hidden_size=c.hidden_size, vocab_size=c.vocab_size,
+                   num_hidden_layers=c.num_hidden_layers)
+
+
+def load_target(spec: TargetSpec | str) -> Target:
     spec = TargetSpec(target=spec) if isinstance(spec, str) else spec
     dev = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, dev)

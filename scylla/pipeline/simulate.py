@@ -8,7 +8,8 @@ a broken wiring fails here too. The numbers come from a hand-written stand-in of
 paper's laws with seeded noise; they are *not* measurements, and every run is tagged
 ``scylla.simulated=1`` and lives in a ``*-simulated`` experiment.
 ``SCYLLA_SIMULATE_SECONDS`` makes each stage take that long inside its run (tests kill a
-sweep mid-run with it).
+sweep mid-run with it). A stand-in gets its flags parsed by the real stage's parser
+(``scylla.pipeline.stages.invoke_stage``), so every default comes from the config dataclasses.
 """
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from scylla import tracking
+from scylla import paths
 from scylla.errors import DataError
+from scylla.pipeline import tracking
 
 # SmolLM2-135M's widths: the simulated drafts are sized like the real ones
 HIDDEN, INTERMEDIATE = 576, 1536
@@ -70,22 +72,15 @@ def chain_alphas(tau: float, steps: int = 5, decay: float = 0.9) -> list[float]:
     return [min(1.0, lo * decay ** i) for i in range(steps)]
 
 
-def _get(args: dict[str, Any], name: str, default: Any) -> Any:
-    value = args.get(name, default)
-    return type(default)(value) if value not in (None, "") else default
-
-
 def hidden_states(args: dict[str, Any]) -> None:
     """Like ``scylla hidden-states``: its own shard directory, named in the tag ``shards``."""
-    from scylla import paths
-
     key = hashlib.sha256(json.dumps(args, sort_keys=True, default=str).encode()).hexdigest()
     out = paths.data_dir() / "simulated" / "hidden_states" / key[:16]
     with tracking.stage_run("hidden_states", args):
         import mlflow
 
         _pause()
-        tokens = _get(args, "train_tokens", 1_000_000)
+        tokens = args["build_tokens"]
         out.mkdir(parents=True, exist_ok=True)
         (out / "manifest.json").write_text(json.dumps({"tokens": tokens, "simulated": True}))
         mlflow.set_tag("shards", str(out))
@@ -97,11 +92,8 @@ def train(args: dict[str, Any]) -> None:
     shards = Path(args.get("shards") or "")
     if not (shards / "manifest.json").is_file():
         raise DataError(f"simulated train: no manifest.json in shards dir {shards}")
-    tokens = _get(args, "train_tokens", 1_000_000)
-    n_layer = _get(args, "draft_n_layer", 1)
-    kind = _get(args, "kind", "scylla")
-    seed = _get(args, "seed", 0)
-    tau = tau_chain(tokens, n_layer, kind, _get(args, "pretrain_tokens", 0), seed)
+    tokens, n_layer, kind = args["train_tokens"], args["draft_n_layer"], args["kind"]
+    tau = tau_chain(tokens, n_layer, kind, args["pretrain_tokens"], args["seed"])
     params = {**args, "draft_params": draft_params(n_layer)}
     with tracking.stage_run("train", params):
         import mlflow
@@ -136,18 +128,16 @@ def _method_numbers(method: str, tau_draft: float, batch: int, top_k: int, total
 
 def decode(args: dict[str, Any]) -> None:
     draft = Path(args.get("draft") or "")
-    methods = [m for m in str(args.get("methods", "plain,tree")).split(",") if m]
+    methods = [m for m in args["methods"].split(",") if m]
     needs_draft = any(m in ("chain", "tree", "static-tree") for m in methods)
     if needs_draft and not (draft / "draft.json").is_file():
         raise DataError(f"simulated decode: no draft.json in draft dir {draft}")
     tau_draft = json.loads((draft / "draft.json").read_text())["tau_chain"] if needs_draft \
         else 1.0
-    batch = _get(args, "decode_batch_size", 1)
-    top_k, total = _get(args, "tree_top_k", 4), _get(args, "tree_total_tokens", 12)
-    n_prompts, max_new = _get(args, "num_prompts", 20), _get(args, "max_new_tokens", 128)
+    batch, top_k, total = args["decode_batch_size"], args["tree_top_k"], args["tree_total_tokens"]
+    n_prompts, max_new = args["num_prompts"], args["max_new_tokens"]
     numbers = {m: _method_numbers(m, tau_draft, batch, top_k, total,
-                                  _rng("decode", m, tau_draft, batch, top_k, total,
-                                       args.get("seed", 0)))
+                                  _rng("decode", m, tau_draft, batch, top_k, total, args["seed"]))
                for m in methods}
     base = numbers.get("plain", (None, None))[1]
     for m, (tau, tps) in numbers.items():
@@ -171,4 +161,5 @@ STAGES = {"hidden_states": hidden_states, "train": train, "decode": decode}
 
 
 def run_stage(stage: str, args: dict[str, Any]) -> None:
+    """Run the stand-in of ``stage`` on the flags its real parser gave (``vars(namespace)``)."""
     STAGES[stage](args)

@@ -1,27 +1,38 @@
 """How the sweep driver and the pipelines' entry points call a stage: the one place that
-knows which ``scylla`` subcommand implements a stage and which of its flags take the
-upstream run's output and this call's output directory.
+knows which command module (``scylla.commands.*``, named here, imported by name when a stage
+runs) implements a stage, which of its flags take the upstream run's output and this call's
+output directory, and where a call's files go.
 
 A stage runs in-process through its CLI module (``add_arguments(parser)``, ``run(args)``),
 so the flags a sweep file gives are exactly the subcommand's flags (``train_tokens`` in
 YAML is ``--train-tokens``). Stages must open their MLflow run(s) with
-``scylla.tracking.stage_run``, which attaches them to the caller's attempt.
+``scylla.pipeline.tracking.stage_run``, which attaches them to the caller's attempt.
+(This module imports no command: the pipeline floor sits below ``scylla.commands``.)
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scylla.errors import ConfigError, DataError
-from scylla.reuse import StageCall, StageFailedError, output_dir
+from scylla import paths
+from scylla.errors import ConfigError, DataError, ScyllaError
+from scylla.pipeline import code_identity, simulate
+from scylla.store import TAG
+
+
+class StageFailedError(ScyllaError):
+    """A stage returned an error status or logged no run; its runs are marked FAILED."""
 
 
 @dataclass(frozen=True)
 class Wiring:
-    subcommand: str  # row of scylla.cli.SUBCOMMANDS
+    subcommand: str  # `scylla <subcommand>` runs the stage by hand
+    module: str  # its command module: add_arguments(parser), run(args)
     input_flag: str | None = None  # receives the upstream run's output
     output_flag: str | None = None  # receives this call's output directory (or a file in it)
     output_file: str | None = None
@@ -31,31 +42,76 @@ class Wiring:
 STAGES = {
     # the shard directory is the stage's own (derived from target, corpus, layers), so every
     # sweep on one target shares and extends it; the run tags it `shards`
-    "hidden_states": Wiring("hidden-states", output_tag="shards"),
-    "train": Wiring("train", input_flag="shards", output_flag="out", output_tag="draft"),
-    "decode": Wiring("bench", input_flag="draft", output_flag="json", output_file="bench.json"),
-    "fit": Wiring("fit"),
+    "hidden_states": Wiring("hidden-states", "scylla.commands.hidden_states",
+                            output_tag="shards"),
+    "train": Wiring("train", "scylla.commands.train", input_flag="shards", output_flag="out",
+                    output_tag="draft"),
+    "decode": Wiring("bench", "scylla.commands.bench", input_flag="draft", output_flag="json",
+                     output_file="bench.json"),
+    "fit": Wiring("fit", "scylla.commands.fit"),
 }
 
 
 def stage_module_name(stage: str, simulated: bool = False) -> str:
-    """The module that runs a stage; a clear error when this checkout does not have it yet."""
-    from scylla.cli import SUBCOMMANDS
-
+    """The module that runs a stage (simulated: the stand-ins of ``scylla.pipeline.simulate``)."""
     if stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
     if simulated and stage != "fit":
-        return "scylla.sweep_simulate"
-    sub = STAGES[stage].subcommand
-    if sub not in SUBCOMMANDS:
-        raise ConfigError(f"stage {stage} runs `scylla {sub}`, which this checkout does not "
-                          "have yet; `scylla sweep --simulate` checks the pipeline without it")
-    return SUBCOMMANDS[sub][0]
+        return "scylla.pipeline.simulate"
+    return STAGES[stage].module
+
+
+def code_version(call: "StageCall") -> str:
+    """Hash of the source the call's stage runs (``scylla.pipeline.code_identity``)."""
+    return code_identity.code_version(stage_module_name(call.stage, call.simulated))
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def normalise(params: dict[str, Any]) -> dict[str, str]:
+    """Params as MLflow stores them (strings; None as ''), so keys match across routes."""
+    return {k: ("" if v is None else str(v)) for k, v in sorted(params.items())}
+
+
+@dataclass(frozen=True)
+class StageCall:
+    """One execution request of a stage."""
+
+    stage: str
+    params: dict[str, Any]  # passed to the stage (flags) and part of the key
+    experiment: str
+    labels: dict[str, str] = field(default_factory=dict)  # logged as params, not passed
+    upstream: Any = None  # mlflow Run whose output feeds this call, or None
+    simulated: bool = False
+    # defines the call without being passed to the stage (a fit's exact input runs)
+    key_extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def point_key(self) -> str:
+        up = None
+        if self.upstream is not None:  # a run made outside any sweep is known by its id
+            up = self.upstream.data.tags.get(TAG + "point_key") or self.upstream.info.run_id
+        return _digest({"stage": self.stage, "params": normalise(self.params),
+                        "labels": normalise(self.labels), "upstream": up,
+                        "simulated": self.simulated, "extra": normalise(self.key_extra)})
+
+    @property
+    def run_key(self) -> str:
+        return _digest({"point": self.point_key, "code": code_version(self)})
 
 
 def stage_module(stage: str) -> Any:
     """The CLI module of a stage."""
     return importlib.import_module(stage_module_name(stage))
+
+
+def output_dir(call: StageCall) -> Path:
+    """Where a call's files go: the same directory for every attempt of one run key, so a
+    restarted stage finds what its killed attempt wrote (complete shards, checkpoints)."""
+    experiment = "".join(c if c.isalnum() or c in "._-" else "_" for c in call.experiment)
+    return paths.data_dir() / "stages" / experiment / call.stage / call.run_key
 
 
 def output_gone(run: Any) -> bool:
@@ -118,14 +174,11 @@ def parse_stage_args(stage: str, args: dict[str, Any]) -> tuple[Any, argparse.Na
 
 
 def invoke_stage(call: StageCall) -> None:
-    """Run one stage call in this process (simulated stages: ``scylla.sweep_simulate``)."""
-    args = stage_args(call)
+    """Run one stage call in this process (simulated stages: ``scylla.pipeline.simulate``)."""
+    module, parsed = parse_stage_args(call.stage, stage_args(call))
     if call.simulated and call.stage != "fit":
-        from scylla import sweep_simulate
-
-        sweep_simulate.run_stage(call.stage, args)
+        simulate.run_stage(call.stage, vars(parsed))
         return
-    module, parsed = parse_stage_args(call.stage, args)
     status = module.run(parsed)
     if status:
         raise StageFailedError(f"stage {call.stage} exited with status {status}")

@@ -25,13 +25,22 @@ downstream runs, never passed to the stage).
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from scylla import paths
 from scylla.errors import ConfigError
 
 STAGE_ORDER = ("hidden_states", "train", "decode")
+PROFILE_ENV = "SCYLLA_PROFILE"  # the profile commands and notebooks use when none is named
+DEFAULT_PROFILE = "quick"
+
+
+def default_profile() -> str:
+    """``$SCYLLA_PROFILE``, else ``quick`` (minutes on a CPU; ``paper`` takes hours)."""
+    return os.environ.get(PROFILE_ENV) or DEFAULT_PROFILE
 LABEL_KEYS = ("variant",)
 FIT_KEYS = ("name", "stage", "x", "y", "unit", "paired", "filter", "best_by")
 
@@ -99,8 +108,6 @@ def experiment_name(sweep: str, profile: str, simulated: bool = False) -> str:
 def sweeps_dir() -> Path:
     """``pipelines/sweeps`` of the project (``SCYLLA_PROJECT_DIR``/cwd), else of this
     checkout."""
-    from scylla import paths
-
     for root in (paths.project_dir(), Path(__file__).resolve().parents[1]):
         if (root / "pipelines" / "sweeps").is_dir():
             return root / "pipelines" / "sweeps"

@@ -1,81 +1,23 @@
-"""MLflow glue: the project's SQLite store, experiments, one run per stage.
+"""Stage runs: one MLflow run per stage call, in the driver's attempt or owned by hand.
 
 Every stage (``hidden_states``, ``train``, ``decode``, ``fit``) logs to one run tagged
 ``stage=<name>``; params are the config dataclasses' fields, flat, with the same names.
-``MLFLOW_TRACKING_URI`` may name a tracking server instead (``http://host:5000``, a
-database behind ``mlflow server``; docs/scale-out.md): then the server places artifacts.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
-import logging
 import os
-import re
-import sqlite3
 import sys
-from pathlib import Path
 from typing import Any, Iterator
-from urllib.parse import urlparse
 
-from scylla import paths
-from scylla.process_owner import OWNER_TAG, owner_alive, owner_id
+from scylla.pipeline.owner import OWNER_TAG, owner_alive, owner_id
+from scylla.store import DEFAULT_EXPERIMENT, experiment_id, mlflow_client_ready
 
-DEFAULT_EXPERIMENT = "scylla"
 # A driver (``scylla sweep``, the pipelines' entry points) hands the stage it launches a
 # context: the experiment, tags naming the attempt, labels, and the upstream run's params.
 # It travels in the environment so that processes a stage spawns (DDP ranks) inherit it.
 CONTEXT_ENV = "SCYLLA_RUN_CONTEXT"
-# Tracking URIs answered by a server, which decides where a new experiment's artifacts go
-# (its --default-artifact-root or proxied mlflow-artifacts:/); a store the client opens
-# itself (SQLite, a database URI, a directory) gets the project's mlruns/artifacts.
-SERVER_SCHEMES = ("http", "https", "databricks", "databricks-uc")
-
-
-def mlflow_client_ready() -> Any:
-    """Point MLflow at the project's store and return the module."""
-    import mlflow
-
-    # Alembic/MLflow print their DB migrations at INFO on every first use of a store.
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    uri = paths.tracking_uri()
-    if uri == paths.project_store_uri():
-        relocate_project_store(str(paths.mlruns_dir()))
-    mlflow.set_tracking_uri(uri)
-    return mlflow
-
-
-@functools.cache
-def relocate_project_store(mlruns: str) -> None:
-    """Point the artifact locations in the project store ``<mlruns>/mlflow.db`` at ``mlruns``.
-
-    MLflow records every experiment's and run's artifact location as an absolute path, so a
-    store committed in one checkout and cloned to another would keep writing and showing
-    artifacts in the first one. MLflow has no API to move them: this rewrites the old
-    checkout's ``.../mlruns`` prefix in the store's two location columns (once per process).
-    """
-    db = Path(mlruns) / "mlflow.db"
-    if not db.is_file():
-        return
-    with contextlib.closing(sqlite3.connect(db, timeout=60)) as con, con:
-        locations = [row[0] for row in con.execute("SELECT artifact_location FROM experiments")]
-        old = {m.group(1) for loc in locations if loc
-               for m in [re.match(r"(?:file://)?(/.*?/mlruns)/", loc)] if m} - {mlruns}
-        for prefix in old:
-            for table, column in (("experiments", "artifact_location"), ("runs", "artifact_uri")):
-                con.execute(f"UPDATE {table} SET {column} = replace({column}, ?, ?)",
-                            (prefix + "/", mlruns + "/"))
-
-
-def experiment_id(name: str = DEFAULT_EXPERIMENT) -> str:
-    mlflow = mlflow_client_ready()
-    exp = mlflow.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    served = urlparse(paths.tracking_uri()).scheme in SERVER_SCHEMES
-    location = None if served else paths.artifact_root() + f"/{name}"
-    return mlflow.create_experiment(name, artifact_location=location)
 
 
 def run_context() -> dict[str, Any]:
@@ -101,7 +43,7 @@ def stage_run(stage: str, params: dict[str, Any], experiment: str | None = None,
     The experiment defaults to the driver's (``run_context()``), else ``DEFAULT_EXPERIMENT``.
     A stage run by hand (no driver) tags its owner process and first closes the runs that
     dead processes left RUNNING in that experiment (``close_abandoned``); a driver's context
-    carries the owner, and the driver closes its own runs (``scylla.reuse``).
+    carries the owner, and the driver closes its own runs (``scylla.pipeline.reuse``).
     """
     mlflow = mlflow_client_ready()
     ctx = run_context()

@@ -1,8 +1,8 @@
 """The ``scylla`` console entry point.
 
-Each subcommand lives in the module that owns its concept and exposes
-``add_arguments(parser)`` and ``run(args) -> int``; modules are imported only when their
-subcommand runs, so ``scylla --help`` stays fast. Flags are generated from the config
+Each subcommand is a module of ``scylla.commands`` exposing ``add_arguments(parser)`` and
+``run(args) -> int``; modules are imported only when their subcommand runs, so ``scylla
+--help`` stays fast. Flags are generated from the config
 dataclasses, so a field, its flag and its MLflow param share one name.
 """
 from __future__ import annotations
@@ -10,25 +10,29 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import logging
+import os
 import sys
 import typing
+import warnings
 from typing import Any
 
 from scylla.errors import ScyllaError
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "targets": ("scylla.target_cli", "List the target registry and what is cached."),
-    "bench": ("scylla.bench", "Run decoding methods side by side on the same prompts."),
-    "generate": ("scylla.decoding.generate",
+    "targets": ("scylla.commands.targets", "List the target registry and what is cached."),
+    "bench": ("scylla.commands.bench", "Run decoding methods side by side on the same prompts."),
+    "generate": ("scylla.commands.generate",
                  "Answer a prompt or a chat with a target and a draft, streaming the text."),
-    "main": ("scylla.main_job", "The default end-to-end job (the README's first command)."),
-    "fit": ("scylla.analysis.fit_stage", "Fit a log-linear law to runs in MLflow and log it."),
-    "sweep": ("scylla.sweep", "Run sweep files (pipelines/sweeps) stage by stage, reusing runs."),
-    "report": ("scylla.analysis.report", "Execute the notebooks and render them to HTML."),
-    "hidden-states": ("scylla.data.hidden_states",
+    "main": ("scylla.commands.main", "The default end-to-end job (the README's first command)."),
+    "fit": ("scylla.commands.fit", "Fit a log-linear law to runs in MLflow and log it."),
+    "sweep": ("scylla.commands.sweep",
+              "Run sweep files (pipelines/sweeps) stage by stage, reusing runs."),
+    "report": ("scylla.commands.report", "Execute the notebooks and render them to HTML."),
+    "hidden-states": ("scylla.commands.hidden_states",
                       "Run the frozen target over the corpus and write hidden-state shards."),
-    "train": ("scylla.drafts.train", "Train a draft (scylla or eagle3) on hidden-state shards."),
-    "export": ("scylla.drafts.export",
+    "train": ("scylla.commands.train", "Train a draft (scylla or eagle3) on hidden-state shards."),
+    "export": ("scylla.commands.export",
                "Write a draft as an EAGLE / EAGLE-3 head for vLLM and SGLang (docs/export.md)."),
 }
 
@@ -56,8 +60,18 @@ def dataclass_from_args(cls: type, args: argparse.Namespace) -> Any:
     return cls(**{k: v for k, v in vars(args).items() if k in names})
 
 
+def quiet() -> None:
+    """Keep library chatter out of a command's output: Lightning's banners and tips (its
+    rank-zero INFO logger), transformers' per-weight loading bars (read from the environment
+    when transformers is first imported), and a deprecation torch raises inside Lightning."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    quiet()
     parser = argparse.ArgumentParser(prog="scylla")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():

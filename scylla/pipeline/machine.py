@@ -1,7 +1,7 @@
 """The machine a run measures on, as one line: CPU, cores, torch build and its threads.
 
-Recorded as the ``machine`` tag of every stage run (``scylla.reuse``) and in every benchmark
-report (``scylla bench``), so a figure or verdict can say where its numbers come from.
+Recorded as the ``machine`` tag of every stage run (``scylla.pipeline.reuse``) and in every
+benchmark report (``scylla bench``), so a figure or verdict can say where its numbers come from.
 """
 from __future__ import annotations
 

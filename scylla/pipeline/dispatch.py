@@ -5,8 +5,8 @@ Each hidden_states / train / decode call becomes ``mlflow.projects.run`` of that
 entry point in ``pipelines/MLproject`` (backend ``local``: a subprocess on this machine;
 ``databricks``, ``kubernetes``: a job on their cluster, described by ``--backend-config``).
 Reuse stays the driver's: a call with a complete attempt is not dispatched. The entry point
-(``scylla.sweep.stage_entry``) rebuilds the same call from its params (params, labels,
-upstream run, experiment: the same run key) and runs it through ``scylla.reuse.execute``
+(``scylla.pipeline.sweep.stage_entry``) rebuilds the same call from its params (params, labels,
+upstream run, experiment: the same run key) and runs it through ``scylla.pipeline.reuse.execute``
 where it lands, so attempts, owners and kills work as in a sweep run in one process. Once
 the project run has ended, the driver reads the call's complete attempt from the tracking
 store, which every worker must therefore reach (a tracking server: docs/scale-out.md).
@@ -19,9 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from scylla import tracking
+from scylla import store
 from scylla.errors import ConfigError
-from scylla.reuse import Outcome, StageCall, StageFailedError, normalise, reusable
+from scylla.experiments import sweeps_dir
+from scylla.pipeline.reuse import Outcome, reusable
+from scylla.pipeline.stages import StageCall, StageFailedError, normalise
 
 BACKENDS = ("local", "databricks", "kubernetes")
 
@@ -62,13 +64,11 @@ def _submit(call: StageCall, backend: Backend, wait: bool) -> Any:
     import mlflow.projects
     from mlflow.exceptions import ExecutionException
 
-    from scylla.sweep_spec import sweeps_dir
-
     try:
         return mlflow.projects.run(
             str(sweeps_dir().parent), entry_point=call.stage,
             parameters=entry_parameters(call),
-            experiment_id=tracking.experiment_id(call.experiment), backend=backend.name,
+            experiment_id=store.experiment_id(call.experiment), backend=backend.name,
             backend_config=backend.config, env_manager="local", synchronous=wait)
     except ExecutionException as e:  # a synchronous run that failed
         raise StageFailedError(f"{call.stage} {normalise(call.params)} failed on backend "

@@ -13,12 +13,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from scylla.cli import add_dataclass_args, dataclass_from_args
+from scylla.commands.cli import add_dataclass_args, dataclass_from_args
 from scylla.config import DecodeConfig, TargetSpec
 from scylla.decoding.methods import SPECULATIVE, speculative
 from scylla.decoding.plain import run_plain
 from scylla.decoding.result import DecodeResult
+from scylla.drafts.io import from_pretrained
 from scylla.errors import DataError
+from scylla.modeling.targets import load_target
 
 ROLES = ("system", "user", "assistant")
 
@@ -105,11 +107,8 @@ def reply(target: Any, ids: list[int], cfg: DecodeConfig, draft: Any) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from scylla.drafts import load_draft
-    from scylla.targets import load_target
-
     target = load_target(dataclass_from_args(TargetSpec, args))
-    draft = load_draft(args.draft, target) if args.draft else None
+    draft = from_pretrained(args.draft, target) if args.draft else None
     method = args.method or ("tree" if draft is not None else "pld")
     cfg = dataclass_from_args(DecodeConfig, argparse.Namespace(**{**vars(args),
                                                                   "method": method}))
