@@ -91,8 +91,15 @@ DRAFT_KINDS = ("scylla", "eagle3")
 class DraftConfig:
     kind: str = doc(f"Draft architecture, one of {DRAFT_KINDS}.", "scylla")
     draft_n_layer: int = doc("Decoder layers in the draft (the capacity axis).", 1)
-    draft_vocab_size: int = doc("Pruned draft vocabulary (most frequent training tokens); "
-                                "0 keeps the target's full vocabulary.", 0)
+    draft_vocab_size: int = doc("Pruned draft vocabulary (the most frequent tokens of "
+                                "`vocab`); 0 keeps the target's full vocabulary.", 0)
+    vocab: str = doc("Token counts that choose the pruned vocabulary: 'corpus' = the assistant "
+                     "tokens of the first vocab_tokens of the training split (counted once, "
+                     "cached as a vocabulary file under the data dir), the same for every "
+                     "budget; a path = that vocabulary file; 'budget' = the training budget "
+                     "itself (how the drafts of docs/results.md were trained).", "corpus")
+    vocab_tokens: int = doc("vocab='corpus': tokens of the fixed training order counted; "
+                            "0 = the whole training split.", 0)
     feature_layers: str = doc("eagle3: target hidden_states indices fused as low,mid,high "
                               "(e.g. '2,15,27'); '' = EAGLE-3's (2, L//2, L-3).", "")
 
@@ -101,6 +108,8 @@ class DraftConfig:
         check(self.kind in DRAFT_KINDS, o, "kind", self.kind, f"one of {DRAFT_KINDS}")
         check(self.draft_n_layer >= 1, o, "draft_n_layer", self.draft_n_layer, ">= 1")
         check(self.draft_vocab_size >= 0, o, "draft_vocab_size", self.draft_vocab_size, ">= 0")
+        check(bool(self.vocab), o, "vocab", self.vocab, "'corpus', 'budget' or a file path")
+        check(self.vocab_tokens >= 0, o, "vocab_tokens", self.vocab_tokens, ">= 0")
         check(not self.feature_layers or self.kind == "eagle3", o, "feature_layers",
               self.feature_layers, "only for kind='eagle3'")
         check(self.kind != "eagle3" or self.draft_n_layer == 1, o, "draft_n_layer",
@@ -137,6 +146,9 @@ class TrainConfig:
     checkpoint_every: int = doc("Save a resumable checkpoint every this many steps.", 50)
     val_check_steps: int = doc("Validate every this many steps as well; 0 = at the end only.",
                                0)
+    init_from: str = doc("Continue this draft (a `scylla train` output or draft directory): "
+                         "start from its weights and vocabulary and train on the train_tokens "
+                         "of the fixed order that follow the slices it has seen.", "")
     online: bool = doc("Run the target inside the training step instead of reading hidden-"
                        "state shards (for budgets too large to cache).", False)
 

@@ -23,9 +23,22 @@ from scylla.drafts.data import (
     tokenized_source,
 )
 from scylla.drafts.objective import chain_counts, objective
-from scylla.drafts.train import check_shards, new_draft, train_draft
+from scylla.drafts.train import (
+    check_shards,
+    initial_draft,
+    new_draft,
+    train_draft,
+    vocab_map,
+)
 from scylla.drafts.unroll import unroll
-from scylla.errors import ConfigError, DataError
+from scylla.drafts.vocab import (
+    Vocabulary,
+    coverage,
+    load_vocab,
+    save_vocab,
+    token_counts,
+)
+from scylla.errors import ConfigError, DataError, DraftMismatchError
 from scylla.pipeline.tracking import stage_run
 
 TRAIN, VAL = 4000, 800
@@ -180,12 +193,21 @@ def test_eagle3_trains_with_its_training_time_test(target, shards, tmp_path):
                     progress=False)  # EAGLE-3's default layers for 4 layers: (2, 2, 1)
 
 
+def fixed_vocab(path):
+    """A vocabulary file counted on a larger sample than any budget of these tests."""
+    counts = token_counts(synthetic_examples(300, seed=7), 256)
+    return save_vocab(Vocabulary(counts, "synthetic, 300 conversations", "tiny"), path)
+
+
 def test_pruned_vocabulary_trains_and_keeps_eos(target, shards, tmp_path):
     train, val = sources(shards)
+    vocab = fixed_vocab(tmp_path / "vocab.safetensors")
     res = train_draft(target, DraftConfig(draft_vocab_size=64), config(), train, val, tmp_path,
-                      progress=False)
+                      progress=False, vocab=vocab)
     draft = load_draft(res["draft"], target)
     assert draft.d2t.shape == (64,) and 2 in draft.d2t.tolist()  # eos of the tiny target
+    assert draft.spec.extra["vocab"] == vocab.record() and len(vocab.digest) == 16
+    assert vocab.digest in (tmp_path / "draft" / "README.md").read_text()
     assert 0 < res["val/top1_acc"] < 1
     full = new_draft(target, DraftConfig(), config(), None)
     assert res["draft_params"] == full.draft_params  # the frozen head is never a parameter
@@ -242,3 +264,84 @@ def test_budget_beyond_the_shards_says_how_to_build_them(shards):
         shard_source(str(shards / "train"), 99999, "train_tokens", "--build-tokens")
     with pytest.raises(DataError, match="hidden-states --val-tokens 99999`"):
         shard_source(str(shards / "train"), 99999, "val_tokens", "--val-tokens")  # incomplete
+
+
+# ---- a fixed vocabulary
+
+
+def test_every_budget_gets_the_same_vocabulary(target, shards, tmp_path):
+    vocab = fixed_vocab(tmp_path / "v.safetensors")
+    pruned = DraftConfig(draft_vocab_size=64)
+    maps = [vocab_map(shard_source(str(shards / "train"), n, "train_tokens", "--build-tokens"),
+                      pruned, config(train_tokens=n), target, vocab) for n in (300, TRAIN)]
+    assert torch.equal(maps[0], maps[1])
+    budget = DraftConfig(draft_vocab_size=64, vocab="budget")  # the committed results' way
+    small, large = (vocab_map(sources(shards, n)[0], budget, config(train_tokens=n), target)
+                    for n in (300, TRAIN))
+    assert not torch.equal(small, large)
+    with pytest.raises(ConfigError, match="DraftConfig.vocab='corpus' needs"):
+        vocab_map(sources(shards)[0], pruned, config(), target)
+
+
+def test_vocabulary_file_round_trips_and_refuses_a_bad_file(tmp_path):
+    path = tmp_path / "vocab.safetensors"
+    vocab = fixed_vocab(path)
+    back = load_vocab(path, "tiny", 256)
+    assert torch.equal(back.counts, vocab.counts) and back.record() == vocab.record()
+    with pytest.raises(DataError, match=rf"vocabulary file {path} was built for target 'tiny'"):
+        load_vocab(path, "other", 256)
+    with pytest.raises(DataError, match="with 256 tokens, not 'tiny' with 512"):
+        load_vocab(path, "tiny", 512)
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(DataError, match=rf"vocabulary file {path}: cannot read it"):
+        load_vocab(path, "tiny", 256)
+    with pytest.raises(DataError, match="missing.safetensors: cannot read it"):
+        load_vocab(tmp_path / "missing.safetensors", "tiny", 256)
+
+
+def test_coverage_of_tokens_by_a_vocabulary():
+    d2t = torch.tensor([2, 5, 7])
+    assert coverage([2, 5, 9, 11], d2t) == 0.5
+    assert coverage(torch.tensor([[7, 7]]), d2t) == 1.0
+    assert coverage([3], None) == 1.0
+    with pytest.raises(DataError, match="empty"):
+        coverage([], d2t)
+
+
+# ---- a budget that accumulates
+
+
+def test_continued_training_accumulates_unseen_slices(target, shards, tmp_path):
+    train, val = sources(shards)
+    cfg = config(train_tokens=1500, val_tokens=400)
+    first = train_draft(target, DraftConfig(), cfg, train, val, tmp_path / "a", progress=False)
+    spec_a = load_draft(first["draft"], target).spec
+    (a0, a), = spec_a.extra["slices"]
+    assert a0 == 0 and a >= 1500 and spec_a.extra["cumulative_tokens"] == a
+    more = config(train_tokens=1000, val_tokens=400, init_from=str(tmp_path / "a"))
+    # the continued run starts from the draft's weights
+    start, seq0 = initial_draft(target, DraftConfig(), more, train, None)
+    saved = weights(tmp_path / "a")
+    assert all(torch.equal(v, saved[k]) for k, v in start.state_dict().items() if k in saved)
+    assert sum(train.lengths[:seq0]) == a
+    second = train_draft(target, DraftConfig(), more, train, val, tmp_path / "b",
+                         progress=False)
+    spec_b = load_draft(second["draft"], target).spec
+    (_, a1), (b0, b) = spec_b.extra["slices"]
+    assert a1 == b0 == a and b >= a + 1000
+    assert spec_b.extra["cumulative_tokens"] == a + (b - a)
+    # the second slice's sequences are disjoint from the first's
+    plan_a = make_plan(train.lengths, 1500, 4, 1, 0)
+    plan_b = make_plan(train.lengths, 1000, 4, 1, 0, first=seq0)
+    seqs_a = {i.seq for bt in plan_a.batches for i in bt}
+    seqs_b = {i.seq for bt in plan_b.batches for i in bt}
+    assert seqs_a == set(range(seq0)) and not seqs_a & seqs_b and min(seqs_b) == seq0
+    assert second["plan"] == plan_b.digest
+    card = (tmp_path / "b" / "draft" / "README.md").read_text()
+    assert f"[0, {a}) + [{a}, {b})" in card and f"| `cumulative_tokens` | {b} |" in card
+    # refused: another target, another architecture
+    with pytest.raises(DraftMismatchError, match="does not belong to target 'other'"):
+        initial_draft(tiny_target("other"), DraftConfig(), more, train, None)
+    with pytest.raises(ConfigError, match="draft_n_layer=1; it cannot continue as "
+                                          "DraftConfig.draft_n_layer=2"):
+        initial_draft(target, DraftConfig(draft_n_layer=2), more, train, None)

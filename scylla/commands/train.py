@@ -7,6 +7,11 @@ id and, at the end, the draft and ``result.json``. Run the same command again af
 it resumes from the checkpoint, in the same MLflow run, and ends where an uninterrupted run
 ends; once ``result.json`` exists the command only reports it.
 
+``--init-from <draft>`` continues a draft on the next ``--train-tokens`` of the fixed order it
+has not seen (its card lists the slices and the cumulative tokens). A pruned draft
+(``--draft-vocab-size``) takes its tokens from one fixed vocabulary file (``--vocab``), the same
+for every budget.
+
 Multi-process training: ``--devices 2 --strategy ddp`` (on CPU with gloo). Lightning starts the
 other ranks by re-running the command; they find the MLflow run id in ``SCYLLA_TRAIN_RUN_ID``.
 Several nodes: ``--num-nodes N`` with every process started by torchrun or SLURM's srun; then
@@ -39,6 +44,7 @@ from scylla.drafts.train import (
     check_strategy,
     data_config,
     default_out,
+    draft_vocabulary,
     online_sources,
     shard_sources,
     train_draft,
@@ -123,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         train, val = shard_sources(resolve_shard_root(data, target, layers), target, cfg, layers)
         features = None
     kwargs = dict(features=features, progress=not args.no_progress, corpus=data.corpus,
-                  **placement)
+                  vocab=draft_vocabulary(data, target, draft_cfg, cfg), **placement)
     child_run = os.environ.get(RUN_ENV)
     # a DDP rank started by Lightning (logs into rank 0's run), a rank > 0 started by a
     # cluster launcher (rank 0 logs), or no tracking

@@ -18,8 +18,9 @@ from scylla.errors import DataError
 CARD = "README.md"
 TRAIN_RESULT = "result.json"  # written by `scylla train` in the directory holding draft/
 # the training record worth a reader's time, in this order (all of TrainConfig is in extra)
-TRAIN_FIELDS = ("corpus", "train_tokens", "pretrain_tokens", "val_tokens", "epochs",
-                "train_batch_size", "max_seq_len", "lr", "ttt_steps", "seed", "online")
+TRAIN_FIELDS = ("corpus", "slices", "cumulative_tokens", "vocab", "train_tokens",
+                "pretrain_tokens", "val_tokens", "epochs", "train_batch_size", "max_seq_len", "lr",
+                "ttt_steps", "seed", "online")
 ALGORITHMS = {"eagle": ("eagle", "EAGLE"), "eagle3": ("eagle3", "EAGLE3")}  # vLLM, SGLang
 
 
@@ -87,6 +88,12 @@ def _training(spec: DraftSpec, metrics: dict[str, float]) -> list[str]:
         train["ttt_steps"] = spec.extra["ttt_steps"]
     if spec.extra.get("corpus"):
         train["corpus"] = spec.extra["corpus"]
+    if spec.extra.get("slices"):  # token ranges of the fixed training order
+        train["slices"] = " + ".join(f"[{a}, {b})" for a, b in spec.extra["slices"])
+        train["cumulative_tokens"] = spec.extra["cumulative_tokens"]
+    if spec.extra.get("vocab"):
+        train["vocab"] = (f"{spec.extra['vocab']['source']} "
+                          f"(digest {spec.extra['vocab']['digest']})")
     lines = ["## Training", ""]
     if not train:
         lines.append("The checkpoint records no training configuration.")

@@ -4,7 +4,9 @@ Training follows a *plan*, a pure function of the data and the config: the list 
 batches (sequence indices of the fixed order) for every stage and epoch:
 
 1. optional pretraining: the prefix reaching ``pretrain_tokens``, loss on every token;
-2. SFT: the prefix reaching ``train_tokens``, loss on assistant tokens only.
+2. SFT: the prefix reaching ``train_tokens``, loss on assistant tokens only; a continued draft
+   (``TrainConfig.init_from``) takes the sequences reaching ``train_tokens`` from sequence
+   ``first`` on, the first it has not seen.
 
 Each stage's prefix is reshuffled per epoch with a seed derived from (seed, stage, epoch). A
 resumed run skips the plan's first ``global_step`` batches, which makes it repeat an
@@ -53,17 +55,18 @@ def prefix_length(lengths: Sequence[int], tokens: int) -> int:
 
 
 def make_plan(lengths: Sequence[int], train_tokens: int, train_batch_size: int, epochs: int,
-              seed: int, pretrain_tokens: int = 0) -> Plan:
+              seed: int, pretrain_tokens: int = 0, first: int = 0) -> Plan:
     """Global batches of ``train_batch_size`` sequences (see the module docstring). A last
     batch under half the size joins the one before it, so no rank is ever left empty."""
-    stages = ([(pretrain_tokens, True)] if pretrain_tokens else []) + [(train_tokens, False)]
+    stages = (([(pretrain_tokens, True, 0)] if pretrain_tokens else [])
+              + [(train_tokens, False, first)])
     batches: list[list[PlanItem]] = []
     seen = 0
-    for s, (budget, full) in enumerate(stages):
-        n = prefix_length(lengths, budget)
+    for s, (budget, full, start) in enumerate(stages):
+        n = prefix_length(lengths[start:], budget)
         for epoch in range(epochs):
             g = torch.Generator().manual_seed(seed * 1_000_003 + s * 1009 + epoch)
-            order = torch.randperm(n, generator=g).tolist()
+            order = [start + i for i in torch.randperm(n, generator=g).tolist()]
             groups = [order[i:i + train_batch_size] for i in range(0, n, train_batch_size)]
             if len(groups) > 1 and len(groups[-1]) < max(1, train_batch_size // 2):
                 groups[-2].extend(groups.pop())

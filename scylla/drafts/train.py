@@ -4,6 +4,11 @@ The output directory holds Lightning's resumable checkpoint (``checkpoints/last.
 the end, the draft (``draft/``, with its model card). ``train_draft`` called again on the same
 directory resumes from the checkpoint and ends where an uninterrupted run ends. The command
 and its MLflow run: ``scylla.commands.train``.
+
+A draft records the corpus slices it was trained on (``slices``: [start, end) token ranges of
+the fixed training order) and their sum (``cumulative_tokens``); ``TrainConfig.init_from``
+continues it on the next ``train_tokens`` it has not seen, so a budget accumulates across runs
+and machines.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from scylla.data.hidden_states import (
     open_corpus,
     slug,
 )
+from scylla.drafts.checkpoint import draft_dir, load_draft, read_spec
 from scylla.drafts.data import (
     DraftDataModule,
     SequenceSource,
@@ -33,7 +39,14 @@ from scylla.drafts.data import (
 from scylla.drafts.io import save_pretrained
 from scylla.drafts.model import DraftModel, draft_spec, instantiate
 from scylla.drafts.module import DraftTraining, ttt_steps_of
-from scylla.drafts.vocab import build_d2t, token_counts
+from scylla.drafts.spec import DraftSpec
+from scylla.drafts.vocab import (
+    Vocabulary,
+    build_d2t,
+    load_vocab,
+    save_vocab,
+    token_counts,
+)
 from scylla.errors import ConfigError, DataError
 from scylla.modeling.targets import TargetInfo
 
@@ -44,11 +57,31 @@ DATA_SKIP = ("build_tokens", "val_tokens", "max_seq_len", "feature_layers", "tok
              "build_batch_tokens")
 
 
+def init_slices(cfg: TrainConfig) -> list[list[int]]:
+    """The corpus slices the draft ``cfg.init_from`` was trained on; [] for a new draft."""
+    if not cfg.init_from:
+        return []
+    path = draft_dir(Path(cfg.init_from).expanduser())
+    slices = read_spec(path).extra.get("slices")
+    if not slices:
+        raise DataError(f"TrainConfig.init_from={cfg.init_from!r}: {path} records no corpus "
+                        "slices (it was trained before drafts recorded them), so its unseen "
+                        "data is unknown")
+    return slices
+
+
+def data_budget(cfg: TrainConfig) -> int:
+    """Tokens of the fixed order this training reads: the slices already seen plus
+    ``train_tokens``, or the pretraining prefix when longer."""
+    slices = init_slices(cfg)
+    return max((slices[-1][1] if slices else 0) + cfg.train_tokens, cfg.pretrain_tokens)
+
+
 def data_config(draft_cfg: DraftConfig, cfg: TrainConfig, data: HiddenStatesConfig
                 ) -> HiddenStatesConfig:
     """The hidden-states build whose shards this training reads."""
     return dataclasses.replace(
-        data, build_tokens=max(cfg.train_tokens, cfg.pretrain_tokens), val_tokens=cfg.val_tokens,
+        data, build_tokens=data_budget(cfg), val_tokens=cfg.val_tokens,
         max_seq_len=cfg.max_seq_len,
         feature_layers=(draft_cfg.feature_layers or "eagle3") if draft_cfg.kind == "eagle3" else "")
 
@@ -70,7 +103,7 @@ def check_shards(source: SequenceSource, target: Any, cfg: TrainConfig,
 
 def shard_sources(root: Path, target: Any, cfg: TrainConfig, layers: tuple[int, ...]
                   ) -> tuple[SequenceSource, SequenceSource | None]:
-    budget = max(cfg.train_tokens, cfg.pretrain_tokens)
+    budget = data_budget(cfg)
     train = shard_source(str(root / "train"), budget, "train_tokens", "--build-tokens")
     check_shards(train, target, cfg, layers, str(root / "train"))
     val = None
@@ -94,7 +127,7 @@ def prefix_examples(corpus: Any, tokens: int, strict: bool) -> list[Any]:
 
 def online_sources(data: HiddenStatesConfig, target: Any, cfg: TrainConfig
                    ) -> tuple[SequenceSource, SequenceSource | None]:
-    budget = max(cfg.train_tokens, cfg.pretrain_tokens)
+    budget = data_budget(cfg)
     train = tokenized_source(prefix_examples(open_corpus(data, target.tokenizer, "train"),
                                              budget, strict=True))
     val = None
@@ -104,11 +137,50 @@ def online_sources(data: HiddenStatesConfig, target: Any, cfg: TrainConfig
     return train, val
 
 
+def vocab_path(data: HiddenStatesConfig, target: Any, draft_cfg: DraftConfig) -> Path:
+    """The vocabulary file of ``draft_cfg.vocab``: the path it names, or for 'corpus' the
+    cached counts of the tokenized training split (its cache key names order and tokenizer)."""
+    if draft_cfg.vocab != "corpus":
+        return Path(draft_cfg.vocab).expanduser()
+    key = open_corpus(data, target.tokenizer, "train").dir.name
+    return (paths.data_dir() / "vocab" / slug(target.name)
+            / f"{key}-{draft_cfg.vocab_tokens or 'all'}.safetensors")
+
+
+def draft_vocabulary(data: HiddenStatesConfig, target: Any, draft_cfg: DraftConfig,
+                     cfg: TrainConfig) -> Vocabulary | None:
+    """The fixed vocabulary a pruned draft chooses its tokens from (None when there is none
+    to choose: full vocabulary, 'budget', or a continued draft, which keeps its own). For
+    'corpus' it is counted once, then read from its file."""
+    if not draft_cfg.draft_vocab_size or draft_cfg.vocab == "budget" or cfg.init_from:
+        return None
+    path = vocab_path(data, target, draft_cfg)
+    vocab_size = target.model.config.vocab_size
+    if path.is_file() or draft_cfg.vocab != "corpus":
+        return load_vocab(path, target.name, vocab_size)
+    corpus = open_corpus(data, target.tokenizer, "train")
+    examples = list(corpus.examples(draft_cfg.vocab_tokens or None))
+    tokens = sum(len(e.input_ids) for e in examples)
+    counts = token_counts(((e.input_ids, e.loss_mask) for e in examples), vocab_size)
+    source = (f"{data.corpus} training split (shuffle_seed {data.shuffle_seed}, max_seq_len "
+              f"{data.max_seq_len}): first {tokens} tokens, {len(examples)} conversations")
+    return save_vocab(Vocabulary(counts, source, target.name), path)
+
+
 def vocab_map(train: SequenceSource, draft_cfg: DraftConfig, cfg: TrainConfig,
-              target: Any) -> torch.Tensor | None:
-    """d2t from token frequencies of the training budget (pretraining counts every token)."""
+              target: Any, vocab: Vocabulary | None = None) -> torch.Tensor | None:
+    """d2t: the ``draft_vocab_size`` most frequent tokens of ``vocab`` (the same for every
+    budget), or with ``DraftConfig.vocab='budget'`` of the training budget (pretraining counts
+    every token)."""
     if not draft_cfg.draft_vocab_size:
         return None
+    eos = target.model.config.eos_token_ids
+    if draft_cfg.vocab != "budget":
+        if vocab is None:
+            raise ConfigError(f"DraftConfig.vocab={draft_cfg.vocab!r} needs the vocabulary's "
+                              "counts (scylla.drafts.train.draft_vocabulary); 'budget' counts "
+                              "the training budget instead")
+        return build_d2t(vocab.counts, draft_cfg.draft_vocab_size, eos)
     lengths = train.lengths
     sft = prefix_length(lengths, cfg.train_tokens)
     pre = prefix_length(lengths, cfg.pretrain_tokens) if cfg.pretrain_tokens else 0
@@ -123,7 +195,7 @@ def vocab_map(train: SequenceSource, draft_cfg: DraftConfig, cfg: TrainConfig,
                 yield ids, torch.ones_like(mask)
 
     counts = token_counts(seqs(), target.model.config.vocab_size)
-    return build_d2t(counts, draft_cfg.draft_vocab_size, target.model.config.eos_token_ids)
+    return build_d2t(counts, draft_cfg.draft_vocab_size, eos)
 
 
 def new_draft(target: Any, draft_cfg: DraftConfig, cfg: TrainConfig,
@@ -134,6 +206,52 @@ def new_draft(target: Any, draft_cfg: DraftConfig, cfg: TrainConfig,
     draft = instantiate(spec, target, d2t).float()
     draft.init_for_training()
     return draft
+
+
+def check_continuable(spec: DraftSpec, where: str, target: Any, draft_cfg: DraftConfig,
+                      cfg: TrainConfig) -> None:
+    """Refuse to continue a draft of another target (DraftMismatchError), architecture, data
+    order or with a pretraining stage (ConfigError naming the field)."""
+    spec.check_target(target, where=where)
+    want = draft_spec(draft_cfg.kind, draft_cfg.draft_n_layer, target,
+                      draft_cfg.draft_vocab_size, draft_cfg.feature_layers)
+    for name in ("kind", "draft_n_layer", "draft_vocab_size", "feature_layers"):
+        if getattr(spec, name) != getattr(want, name):
+            raise ConfigError(f"{where} is a draft with {name}={getattr(spec, name)!r}; it "
+                              f"cannot continue as DraftConfig.{name}={getattr(want, name)!r}")
+    seen_len = spec.extra.get("train", {}).get("max_seq_len")
+    if seen_len != cfg.max_seq_len:
+        raise ConfigError(f"{where} was trained with max_seq_len={seen_len}, which orders the "
+                          f"corpus otherwise than TrainConfig.max_seq_len={cfg.max_seq_len}")
+    if cfg.pretrain_tokens:
+        raise ConfigError(f"TrainConfig.pretrain_tokens={cfg.pretrain_tokens}: a continued "
+                          "draft (init_from) trains SFT only")
+
+
+def initial_draft(target: Any, draft_cfg: DraftConfig, cfg: TrainConfig, train: SequenceSource,
+                  vocab: Vocabulary | None) -> tuple[DraftModel, int]:
+    """The draft training starts from and the first sequence of its slice: a new draft from
+    sequence 0, or the draft ``cfg.init_from`` (its weights and vocabulary) from the sequence
+    after the slices it has seen."""
+    if not cfg.init_from:
+        return new_draft(target, draft_cfg, cfg, vocab_map(train, draft_cfg, cfg, target,
+                                                           vocab)), 0
+    path = draft_dir(Path(cfg.init_from).expanduser())
+    where = f"TrainConfig.init_from={cfg.init_from!r}"
+    check_continuable(read_spec(path), where, target, draft_cfg, cfg)
+    seen, first, total = init_slices(cfg)[-1][1], 0, 0
+    while total < seen and first < len(train.lengths):
+        total += train.lengths[first]
+        first += 1
+    if total != seen:
+        raise DataError(f"{where}: its slices end at token {seen}, which is not a sequence "
+                        f"boundary of this training data ({total} tokens at sequence {first}); "
+                        "the corpus or its order differs")
+    if first == len(train.lengths):
+        raise DataError(f"{where}: the training data ends at token {seen}, where its slices "
+                        "end; build more (a larger --build-tokens)")
+    torch.manual_seed(cfg.seed)
+    return load_draft(path, target).float().train(), first
 
 
 def default_out(target: Any, params: dict[str, Any], draft_cfg: DraftConfig,
@@ -199,19 +317,20 @@ def train_draft(target: Any, draft_cfg: DraftConfig, cfg: TrainConfig, train: Se
                 features: Callable[[dict, bool], dict] | None = None,
                 logger: Any = False, accelerator: str = "auto", devices: int = 1,
                 num_nodes: int = 1, strategy: str = "auto", progress: bool = True,
-                max_steps: int = -1, corpus: str = "") -> dict[str, Any]:
+                max_steps: int = -1, corpus: str = "", vocab: Vocabulary | None = None
+                ) -> dict[str, Any]:
     """Train (or resume) a draft; returns its metrics, ``draft_params`` and the draft path.
 
-    ``logger``: a Lightning logger (the command's MLflow run), or False; ``max_steps`` stops early
-    (tests use it to simulate a kill: the checkpoint then resumes the same plan); ``corpus``
+    ``vocab``: the fixed vocabulary of a pruned draft (``draft_vocabulary``); ``logger``: a
+    Lightning logger (the command's MLflow run), or False; ``max_steps`` stops early (tests use
+    it to simulate a kill: the checkpoint then resumes the same plan); ``corpus``
     names the training data in the checkpoint's record (the model card shows it).
     """
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     out = Path(out_dir)
-    d2t = vocab_map(train, draft_cfg, cfg, target)
-    draft = new_draft(target, draft_cfg, cfg, d2t)
+    draft, first = initial_draft(target, draft_cfg, cfg, train, vocab)
     if features is None:
         missing = [i for i in draft.feature_layers if f"hidden.{i}" not in train.get(0)]
         if missing:
@@ -219,9 +338,13 @@ def train_draft(target: Any, draft_cfg: DraftConfig, cfg: TrainConfig, train: Se
                             "fuses; build them with `scylla hidden-states --feature-layers "
                             f"{','.join(map(str, draft.feature_layers))}`")
     plan = make_plan(train.lengths, cfg.train_tokens, cfg.train_batch_size, cfg.epochs,
-                     cfg.seed, cfg.pretrain_tokens)
+                     cfg.seed, cfg.pretrain_tokens, first)
     if not plan.batches:
         raise DataError("the training budget holds no sequence")
+    start = sum(train.lengths[:first])
+    end = start + sum(train.lengths[first:first + prefix_length(train.lengths[first:],
+                                                                 cfg.train_tokens)])
+    slices = [*init_slices(cfg), [start, end]]
     claim_out_dir(out, {**{f"train.{k}": v for k, v in as_params(cfg).items()},
                         **{f"draft.{k}": v for k, v in as_params(draft_cfg).items()},
                         "plan": plan.digest, "target": TargetInfo.of(target).name})
@@ -246,7 +369,10 @@ def train_draft(target: Any, draft_cfg: DraftConfig, cfg: TrainConfig, train: Se
                   planned_steps=len(plan.batches), plan=plan.digest)
     if trainer.is_global_zero and trainer.global_step >= len(plan.batches):
         extra = {"train": as_params(cfg), "draft": as_params(draft_cfg), "corpus": corpus,
-                 "ttt_steps": ttt_steps_of(cfg, draft_cfg.kind), "plan": plan.digest}
+                 "ttt_steps": ttt_steps_of(cfg, draft_cfg.kind), "plan": plan.digest,
+                 "slices": slices, "cumulative_tokens": sum(b - a for a, b in slices)}
+        if vocab is not None and not cfg.init_from:  # a continued draft keeps its record
+            extra["vocab"] = vocab.record()
         metrics = {k: v for k, v in result.items() if k.startswith(("train/", "val/"))}
         # the checkpoint plus its model card (target, data, budgets, validation metrics)
         result["draft"] = str(save_pretrained(draft, out / "draft", extra, metrics))

@@ -1,17 +1,28 @@
-"""Pruned draft vocabulary: the most frequent target tokens of the training data.
+"""Pruned draft vocabulary: the most frequent target tokens of a fixed sample of the corpus.
 
 On a CPU the target's LM head (49k rows for SmolLM2) costs several times a whole draft layer,
 both when drafting and when training, so a draft may predict over ``draft_vocab_size`` tokens
 only. ``d2t`` maps draft ids to target ids (sorted ascending, EOS ids always kept so a draft can
 end a reply); a target token outside it can never be proposed, only produced by the target.
+
+The counts come from a *vocabulary file* (``save_vocab`` / ``load_vocab``: the assistant-token
+counts of a fixed sample, by default the whole training split), not from the training budget,
+so every budget of a data sweep gets the same ``d2t`` (a 31k-token budget holds only ~3.8k
+distinct assistant tokens). ``DraftConfig.vocab='budget'`` counts the budget instead: how the
+drafts of docs/results.md were trained.
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
-from scylla.errors import ConfigError
+from scylla.errors import ConfigError, DataError
 
 
 def token_counts(sequences: Iterable[tuple[Sequence[int], Sequence[int]]], vocab_size: int
@@ -53,3 +64,71 @@ def t2d_of(d2t: torch.Tensor, vocab_size: int) -> torch.Tensor:
     t2d = torch.full((vocab_size,), -1, dtype=torch.long, device=d2t.device)
     t2d[d2t] = torch.arange(d2t.numel(), device=d2t.device)
     return t2d
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Token counts (V,) of a fixed sample, where they come from, and the file's digest."""
+    counts: torch.Tensor
+    source: str  # e.g. "sharegpt train split, 23,512,004 tokens"
+    target: str  # the target's name (its tokenizer's ids)
+    digest: str = ""  # sha256 of the file (first 16 hex digits); "" before it is saved
+
+    def record(self) -> dict[str, str]:
+        """What a draft's card / spec extra records about its vocabulary."""
+        return {"source": self.source, "digest": self.digest}
+
+
+def file_digest(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def save_vocab(vocab: Vocabulary, path: str | Path) -> Vocabulary:
+    """Write the seen tokens' ids and counts (safetensors, a few hundred kB); returns the
+    vocabulary with its digest."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ids = torch.nonzero(vocab.counts).flatten()
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"ids": ids, "counts": vocab.counts[ids].long()}, str(tmp),
+              metadata={"source": vocab.source, "target": vocab.target,
+                        "vocab_size": str(vocab.counts.numel())})
+    tmp.replace(path)
+    return Vocabulary(vocab.counts, vocab.source, vocab.target, file_digest(path))
+
+
+def load_vocab(path: str | Path, target_name: str, vocab_size: int) -> Vocabulary:
+    """The vocabulary file at ``path``, checked to be for target ``target_name`` with
+    ``vocab_size`` tokens; DataError naming the file when it is unreadable or another's."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+        ids, counts = tensors["ids"].long(), tensors["counts"].long()
+    except (OSError, SafetensorError, KeyError) as e:
+        raise DataError(f"vocabulary file {path}: cannot read it ({e}); rebuild it (delete the "
+                        "file: `scylla train` writes it again)") from e
+    if meta.get("target") != target_name or meta.get("vocab_size") != str(vocab_size):
+        raise DataError(f"vocabulary file {path} was built for target {meta.get('target')!r} "
+                        f"with {meta.get('vocab_size')} tokens, not {target_name!r} with "
+                        f"{vocab_size}")
+    if ids.shape != counts.shape or (ids.numel() and not 0 <= int(ids.min())
+                                     <= int(ids.max()) < vocab_size):
+        raise DataError(f"vocabulary file {path}: ids and counts do not fit a {vocab_size}-token "
+                        "vocabulary")
+    full = torch.zeros(vocab_size, dtype=torch.long)
+    full[ids] = counts
+    return Vocabulary(full, meta.get("source", ""), target_name, file_digest(path))
+
+
+def coverage(tokens: Iterable[int] | torch.Tensor, d2t: torch.Tensor | None) -> float:
+    """Fraction of ``tokens`` (e.g. the target's greedy tokens on Spec-Bench) inside the
+    draft vocabulary ``d2t`` (None: the full vocabulary, coverage 1)."""
+    t = torch.as_tensor(tokens if isinstance(tokens, torch.Tensor) else list(tokens),
+                        dtype=torch.long).flatten()
+    if not t.numel():
+        raise DataError("coverage of an empty token list")
+    if d2t is None:
+        return 1.0
+    return float(torch.isin(t, d2t.to(t.device)).float().mean())
