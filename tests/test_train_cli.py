@@ -14,9 +14,11 @@ import mlflow
 import pytest
 import torch
 from drafts_fixtures import tiny_hf
+from safetensors.torch import load_file
 
 from scylla.commands.cli import main
 from scylla.data.shards import load_manifest
+from scylla.drafts.vocab import file_digest
 from scylla.modeling.targets import load_tokenizer
 from scylla.pipeline.owner import OWNER_TAG, owner_id
 
@@ -204,3 +206,27 @@ def test_training_killed_with_sigkill_resumes_in_the_same_run(workspace, tmp_pat
     b = load_file(str(tmp_path / "whole" / "draft" / "draft.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert len(runs("train")) == 2  # the killed attempt and its resumption share one run
+
+
+def test_budgets_share_one_vocabulary_and_a_draft_continues(workspace, tmp_path):
+    """--draft-vocab-size counts one vocabulary file (the whole training split), the same for
+    every budget; --init-from continues a draft on the tokens after those it has seen."""
+    def train(out, *extra):
+        return main(train_args(workspace, tmp_path / "none", out, "--online", "--no-mlflow",
+                               "--draft-vocab-size", "64", *extra))
+
+    assert train(tmp_path / "a", "--train-tokens", "900") == 0
+    assert train(tmp_path / "b", "--train-tokens", "1500") == 0
+    a, b = (load_file(str(tmp_path / d / "draft" / "draft.safetensors")) for d in "ab")
+    assert torch.equal(a["d2t"], b["d2t"])
+    (vocab_file,) = (workspace / "data" / "vocab").rglob("*.safetensors")
+    spec = json.loads((tmp_path / "a" / "draft" / "draft.json").read_text())
+    assert spec["extra"]["vocab"]["digest"] == file_digest(vocab_file)
+    (_, seen), = spec["extra"]["slices"]
+    assert train(tmp_path / "c", "--train-tokens", "600", "--init-from",
+                 str(tmp_path / "a")) == 0
+    extra = json.loads((tmp_path / "c" / "draft" / "draft.json").read_text())["extra"]
+    assert extra["slices"][0] == [0, seen] and extra["slices"][1][0] == seen
+    assert extra["cumulative_tokens"] == extra["slices"][1][1] >= seen + 600
+    c = load_file(str(tmp_path / "c" / "draft" / "draft.safetensors"))
+    assert torch.equal(a["d2t"], c["d2t"]) and extra["vocab"] == spec["extra"]["vocab"]
