@@ -7,7 +7,9 @@ tree must be sized on the machine that runs it (``scylla bench --forward-cost 1,
 
 Each forward appends k tokens with a causal tree mask (the verification path) to a cache
 holding ``context`` tokens, is timed device-synchronised, and is cut off again, so every
-repeat sees the same cache. The median of the repeats is reported, after untimed warm-ups.
+repeat sees the same cache. All forwards (every k, target and draft) are timed round-robin
+and the median of the repeats is reported, after untimed warm-ups. Each k's cost is printed next
+to its floors on this machine's measured roofline (``scylla.decoding.roofline``).
 """
 from __future__ import annotations
 

@@ -38,11 +38,6 @@ import torch.nn.functional as F
 
 PATHS = ("packed", "transposed", "wide", "linear")
 
-# Median ms for the four linears of one SmolLM2 layer over its 30 layers (2 threads, AVX2 EPYC,
-# interleaved repeats; see the report in the commit that made ``packed`` the default):
-# rows: (F.linear, transposed, wide, packed).
-PACKED_MEASURED: dict[int, tuple[float, float, float, float]] = {}
-
 _forced: str | None = os.environ.get("SCYLLA_CPU_GEMM") or None
 
 

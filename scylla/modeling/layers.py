@@ -44,6 +44,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and not (torch.is_grad_enabled() and (
+                x.requires_grad or self.weight.requires_grad)):
+            # fp32 inference: one fused kernel instead of eight small ops (61 norms per
+            # SmolLM2 forward); it normalises each row alone, as the ops below do
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # mean(x^2) as |x|^2 / H: on CPU one norm kernel costs a third of pow + mean
         h = x.float()  # low precision is normalised in fp32, rounded, then scaled (as in HF)
         norm = torch.linalg.vector_norm(h, dim=-1, keepdim=True)
