@@ -52,9 +52,10 @@ def test_packed_rows_equal_their_one_row_products_bit_for_bit(shape):
             assert torch.equal(lin(x[:rows].view(1, rows, in_f))[0], single[:rows]), rows
 
 
-def test_default_path_is_packed_for_fp32_and_legacy_for_other_dtypes():
+def test_default_path_per_row_count_and_dtype():
     if kernels.HAVE_ONEDNN:
-        assert kernels.choose_path(1, 576, 960, torch.float32) == "packed"
+        assert kernels.choose_path(1, 576, 960, torch.float32) == "transposed"
+        assert kernels.choose_path(2, 576, 960, torch.float32) == "packed"
         assert kernels.choose_path(16, 576, 49152, torch.float32) == "packed"
     assert kernels.choose_path(2, 576, 960, torch.bfloat16) == "transposed"
     assert kernels.choose_path(8, 576, 960, torch.bfloat16) == "linear"

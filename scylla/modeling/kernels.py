@@ -11,19 +11,32 @@ once and the kernel's small-M behaviour decides the step's cost. The paths:
 ``linear``      ``F.linear`` itself: always on CUDA, under autograd, and for dtypes other than
                 fp32 (oneDNN has no fast bf16/fp16 kernel on AVX2).
 
-Exactness decides the default before speed does. Speculative decoding at T=0 is lossless only
-if a verify forward computes each token exactly as plain decoding computes it, and plain decoding
-multiplies 1 row (B rows in a batch) where verification multiplies k (B*k). Of the paths above
-only ``packed`` is row-independent: row r of an M-row product is bit-identical to that row's
-1-row product for every M we tried (1..300, 1 and 2 threads, SmolLM2's shapes and the 49k-row
-LM head; ``tests/test_kernels.py`` checks it). ``F.linear`` and ``wide`` differ from their 1-row
-result at every M >= 2, ``transposed`` at M >= 4, and mixing two paths by row count breaks it
-as well. So fp32 CPU inference uses ``packed`` for every row count: one kernel, rows computed
-identically. It is also the fastest or within noise of it at every M measured (see
-``PACKED_MEASURED``). Other paths stay selectable (``use_path``, env ``SCYLLA_CPU_GEMM``) for
-benchmarks and for comparison.
+The default for fp32 (``choose_path``): ``transposed`` for a single row, ``packed`` for two or
+more. Measured on the 2-core AVX2 EPYC (torch 2.13, 2 threads, median ms over interleaved
+repeats of the 121 linears of SmolLM2-135M incl. its LM head, a shared machine): at M = 1
+F.linear 42 / transposed 32 / wide 46 / packed 30-37 (tied; at 1 thread transposed is ~15%
+faster: 62 vs 71 ms per whole forward); at M = 2-16 ``packed`` is best or within noise of
+``wide`` (M = 8: 47 vs 55, M = 16: 57 vs 65) while ``F.linear`` costs 80-97 ms and
+``transposed`` 53-106. Whole forwards (see ``scylla bench --forward-cost``) go from 2.2x the
+k = 1 cost at k = 8 to 1.4-1.5x.
 
-Derived copies (packed or transposed weights) live in a ``WeightCopies`` next to the module,
+Exactness. Speculative decoding at T=0 must emit plain decoding's tokens, and plain decoding
+multiplies 1 row (B rows in a batch) where verification multiplies k (B*k). ``packed`` is
+row-independent: row r of an M-row product is bit-identical to that row's 1-row product for
+every M tried (1..300, 1 and 2 threads, SmolLM2's shapes and the 49k-row LM head;
+``tests/test_kernels.py`` checks it), so a batch of B plain rows or a verify forward of k >= 2
+rows computes its linears exactly as any other row count >= 2 does. ``F.linear`` and ``wide``
+differ from their 1-row results at every M >= 2, ``transposed`` at M >= 4. The 1-row product
+(``transposed``) is not bit-identical to ``packed`` (~1e-6 relative), but neither is attention:
+SDPA over k masked query rows differs from SDPA over one unmasked row by ~2e-7 per call, so a
+k-token forward's logits differ from k one-token forwards by 3-7e-5 whichever linear path is
+used (measured on SmolLM2: packed-only 3-5e-5, this default 4-7e-5, F.linear 2-6e-5). Token
+exactness therefore rests on argmax gaps larger than that (a near-tie below ~1e-4 could flip
+under any of these paths, as it could before this seam); bench runs are checked for it.
+Other paths stay selectable (``use_path``, env ``SCYLLA_CPU_GEMM``) for benchmarks.
+
+Derived copies (packed and transposed weights: up to twice the weights' memory besides them)
+live in a ``WeightCopies`` next to the module,
 keyed by the weight's storage and version counter, so replacing the weight or updating it in
 place (an optimiser step) rebuilds them; they are never used when autograd records the product.
 """
@@ -65,13 +78,13 @@ def use_path(path: str | None) -> Iterator[None]:
 def choose_path(rows: int, in_features: int, out_features: int, dtype: torch.dtype) -> str:
     """The CPU inference path for a (rows, in) x (in, out) product of ``dtype``.
 
-    fp32: ``packed`` for every shape (row-independent, see the module docstring). Other
-    dtypes: the transposed copy for up to 3 rows, else ``F.linear`` (the previous choice).
+    fp32: the transposed copy for one row, ``packed`` for more (measured, see the module
+    docstring). Other dtypes: the transposed copy for up to 3 rows, else ``F.linear``.
     """
     if _forced is not None:
         return _forced if (_forced != "packed" or _packable(dtype)) else "linear"
     if _packable(dtype):
-        return "packed"
+        return "transposed" if rows == 1 else "packed"
     return "transposed" if rows <= 3 else "linear"
 
 
@@ -103,7 +116,7 @@ class WeightCopies:
         if hit is None or hit[0] != key:
             with torch.no_grad():
                 hit = (key, _BUILDERS[path](weight.detach()))
-            self._copies = {path: hit}  # one layout at a time: no stale memory kept
+            self._copies[path] = hit  # a stale copy of this path is dropped here
         return hit[1]
 
     def clear(self) -> None:

@@ -14,9 +14,8 @@ from scylla.modeling.rope import apply_rope
 class Linear(nn.Linear):
     """nn.Linear whose CPU inference products go through ``scylla.modeling.kernels``.
 
-    The seam picks the GEMM path per shape (oneDNN prepacked weights for fp32, which computes
-    every row exactly as a 1-row product does); CUDA, autograd and other dtypes use
-    ``F.linear``. Derived weight layouts are built on first use, rebuilt when the weight changes
+    The seam picks the GEMM path per shape (for fp32 a transposed copy for one row, oneDNN
+    prepacked weights for more); CUDA, autograd and other dtypes use ``F.linear``. Derived weight layouts are built on first use, rebuilt when the weight changes
     (new storage or in-place update) and dropped by ``release_weight_copies``.
     """
 
