@@ -5,63 +5,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scylla.modeling import kernels
 from scylla.modeling.attention import AttentionStep
 from scylla.modeling.config import ModelConfig
 from scylla.modeling.rope import apply_rope
 
 
 class Linear(nn.Linear):
-    """nn.Linear that multiplies a few rows by a transposed (in, out) copy of its weight on CPU.
+    """nn.Linear whose CPU inference products go through ``scylla.modeling.kernels``.
 
-    For one to a few rows (decoding steps, draft steps) a matmul against the (in, out) layout
-    streams the weight row by row and runs ~1.35x faster on CPU than against nn.Linear's
-    (out, in) layout (measured on SmolLM2's shapes at one row: 38 vs 52 ms per forward). At
-    four rows it is slower: a 4-token forward of SmolLM2 on a 256-token cache took 114 ms with
-    the copy and 61 ms without (2 threads), hence the cut-off at three rows. The copy is built on first use, rebuilt
-    when the weight changes (new storage or in-place update), and never used when autograd
-    records the product. ``transposed_copy = False`` turns it off (saves its memory).
+    The seam picks the GEMM path per shape (for fp32 a transposed copy for one row, oneDNN
+    prepacked weights for more); CUDA, autograd and other dtypes use ``F.linear``. Derived weight layouts are built on first use, rebuilt when the weight changes
+    (new storage or in-place update) and dropped by ``release_weight_copies``.
     """
-
-    COPY_MAX_ROWS = 3
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, **kwargs):
         super().__init__(in_features, out_features, bias=bias, **kwargs)
-        self.transposed_copy = True
-        self._copy_max_numel = self.COPY_MAX_ROWS * in_features
-        self._wt: torch.Tensor | None = None
-        self._wt_key: tuple[int, int] = (0, -1)
+        self._copies = kernels.WeightCopies()
 
-    def _cpu_inference(self, x: torch.Tensor) -> bool:
-        """A CPU product autograd does not record: the layouts below may be chosen freely."""
-        w = self.weight
-        return w.is_cpu and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
+    def release_weight_copies(self) -> None:
+        """Free the packed / transposed copy (it is rebuilt on the next inference product)."""
+        self._copies.clear()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if x.numel() <= self._copy_max_numel and self.transposed_copy and self._cpu_inference(x):
-            key = (w.data_ptr(), -1 if w.is_inference() else w._version)
-            if key != self._wt_key:
-                self._wt, self._wt_key = w.detach().t().contiguous(), key
-            y = torch.matmul(x, self._wt)
-            return y if self.bias is None else y + self.bias
-        return F.linear(x, w, self.bias)
+        return kernels.linear(x, self.weight, self.bias, self._copies)
 
 
 class LMHead(Linear):
-    """The vocabulary projection (V, H): for 2 to 16 rows on CPU it multiplies weight @ x.T and
-    returns the transposed view, which streams the large (V, H) weight once at full speed:
-    4-8 rows cost 5-7 ms instead of 17-20 ms for SmolLM2's 49k x 576 head with 2 threads
-    (measured; at one row Linear's transposed copy is faster, past 16 rows the kernels meet)."""
-
-    WIDE_MAX_ROWS = 16
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if 1 < rows <= self.WIDE_MAX_ROWS and self._cpu_inference(x):
-            y = (self.weight @ x.reshape(rows, self.in_features).t()).t()  # (rows, V) view
-            y = y if self.bias is None else y + self.bias
-            return y.reshape(*x.shape[:-1], self.out_features)
-        return super().forward(x)
+    """The vocabulary projection (V, H), tied or not: the same seam as every layer, so a verify
+    forward's logits are row for row those of a plain decoding step."""
 
 
 class RMSNorm(nn.Module):
@@ -71,6 +43,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and not (torch.is_grad_enabled() and (
+                x.requires_grad or self.weight.requires_grad)):
+            # fp32 inference: one fused kernel instead of eight small ops (61 norms per
+            # SmolLM2 forward); it normalises each row alone, as the ops below do
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # mean(x^2) as |x|^2 / H: on CPU one norm kernel costs a third of pow + mean
         h = x.float()  # low precision is normalised in fp32, rounded, then scaled (as in HF)
         norm = torch.linalg.vector_norm(h, dim=-1, keepdim=True)

@@ -1,0 +1,151 @@
+"""The one seam for dense products (x @ W.T + b) of inference on CPU: a GEMM path per shape.
+
+Decoding multiplies a few rows (1 token per row for plain decoding, k tree tokens for a verify
+forward) by weights that are far larger than the cache, so each product streams its weight
+once and the kernel's small-M behaviour decides the step's cost. The paths:
+
+``packed``      oneDNN weights reordered once into its blocked layout
+                (``mkldnn._reorder_linear_weight``) and multiplied by ``mkldnn._linear_pointwise``.
+``transposed``  ``x @ Wt`` against a contiguous (in, out) copy of the weight.
+``wide``        ``(W @ x.T).T``: the (out, in) weight streamed as the left operand.
+``linear``      ``F.linear`` itself: always on CUDA, under autograd, and for dtypes other than
+                fp32 (oneDNN has no fast bf16/fp16 kernel on AVX2).
+
+The default for fp32 (``choose_path``): ``transposed`` for a single row, ``packed`` for two or
+more. Measured on the 2-core AVX2 EPYC (torch 2.13, 2 threads, median ms over interleaved
+repeats of the 121 linears of SmolLM2-135M incl. its LM head, a shared machine): at M = 1
+F.linear 42 / transposed 32 / wide 46 / packed 30-37 (tied; at 1 thread transposed is ~15%
+faster: 62 vs 71 ms per whole forward); at M = 2-16 ``packed`` is best or within noise of
+``wide`` (M = 8: 47 vs 55, M = 16: 57 vs 65) while ``F.linear`` costs 80-97 ms and
+``transposed`` 53-106. Whole forwards (see ``scylla bench --forward-cost``) go from 2.2x the
+k = 1 cost at k = 8 to 1.4-1.5x.
+
+Exactness. Speculative decoding at T=0 must emit plain decoding's tokens, and plain decoding
+multiplies 1 row (B rows in a batch) where verification multiplies k (B*k). ``packed`` is
+row-independent: row r of an M-row product is bit-identical to that row's 1-row product for
+every M tried (1..300, 1 and 2 threads, SmolLM2's shapes and the 49k-row LM head;
+``tests/test_kernels.py`` checks it), so a batch of B plain rows or a verify forward of k >= 2
+rows computes its linears exactly as any other row count >= 2 does. ``F.linear`` and ``wide``
+differ from their 1-row results at every M >= 2, ``transposed`` at M >= 4. The 1-row product
+(``transposed``) is not bit-identical to ``packed`` (~1e-6 relative), but neither is attention:
+SDPA over k masked query rows differs from SDPA over one unmasked row by ~2e-7 per call, so a
+k-token forward's logits differ from k one-token forwards by 3-7e-5 whichever linear path is
+used (measured on SmolLM2: packed-only 3-5e-5, this default 4-7e-5, F.linear 2-6e-5). Token
+exactness therefore rests on argmax gaps larger than that (a near-tie below ~1e-4 could flip
+under any of these paths, as it could before this seam); bench runs are checked for it.
+Other paths stay selectable (``use_path``, env ``SCYLLA_CPU_GEMM``) for benchmarks.
+
+Derived copies (packed and transposed weights: up to twice the weights' memory besides them)
+live in a ``WeightCopies`` next to the module,
+keyed by the weight's storage and version counter, so replacing the weight or updating it in
+place (an optimiser step) rebuilds them; they are never used when autograd records the product.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+PATHS = ("packed", "transposed", "wide", "linear")
+
+_forced: str | None = os.environ.get("SCYLLA_CPU_GEMM") or None
+
+
+def _onednn_ok() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
+                                                            "_reorder_linear_weight")
+
+
+HAVE_ONEDNN = _onednn_ok()
+
+
+@contextlib.contextmanager
+def use_path(path: str | None) -> Iterator[None]:
+    """Force one CPU inference path (``None``: the default choice) inside the block."""
+    global _forced
+    if path is not None and path not in PATHS:
+        raise ValueError(f"unknown GEMM path {path!r}; expected one of {PATHS}")
+    old, _forced = _forced, path
+    try:
+        yield
+    finally:
+        _forced = old
+
+
+def choose_path(rows: int, in_features: int, out_features: int, dtype: torch.dtype) -> str:
+    """The CPU inference path for a (rows, in) x (in, out) product of ``dtype``.
+
+    fp32: the transposed copy for one row, ``packed`` for more (measured, see the module
+    docstring). Other dtypes: the transposed copy for up to 3 rows, else ``F.linear``.
+    """
+    if _forced is not None:
+        return _forced if (_forced != "packed" or _packable(dtype)) else "linear"
+    if _packable(dtype):
+        return "transposed" if rows == 1 else "packed"
+    return "transposed" if rows <= 3 else "linear"
+
+
+def _packable(dtype: torch.dtype) -> bool:
+    return HAVE_ONEDNN and dtype == torch.float32
+
+
+def _pack(w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None)
+
+
+def _transpose(w: torch.Tensor) -> torch.Tensor:
+    return w.t().contiguous()
+
+
+_BUILDERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "packed": _pack, "transposed": _transpose}
+
+
+class WeightCopies:
+    """Derived layouts of one weight, rebuilt when the weight is replaced or updated in place."""
+
+    def __init__(self) -> None:
+        self._copies: dict[str, tuple[tuple[int, int], torch.Tensor]] = {}
+
+    def get(self, path: str, weight: torch.Tensor) -> torch.Tensor:
+        key = (weight.data_ptr(), -1 if weight.is_inference() else weight._version)
+        hit = self._copies.get(path)
+        if hit is None or hit[0] != key:
+            with torch.no_grad():
+                hit = (key, _BUILDERS[path](weight.detach()))
+            self._copies[path] = hit  # a stale copy of this path is dropped here
+        return hit[1]
+
+    def clear(self) -> None:
+        self._copies = {}
+
+
+def cpu_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """A CPU product autograd does not record: its layout may be chosen freely."""
+    return weight.is_cpu and x.is_cpu and not (
+        torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           copies: WeightCopies) -> torch.Tensor:
+    """x (..., in) @ weight(out, in).T + bias through the path ``choose_path`` picks."""
+    if not cpu_inference(x, weight):
+        return F.linear(x, weight, bias)
+    out_features, in_features = weight.shape
+    rows = x.numel() // in_features if in_features else 0
+    if rows == 0:
+        return F.linear(x, weight, bias)
+    path = choose_path(rows, in_features, out_features, weight.dtype)
+    if path == "packed":
+        return torch.ops.mkldnn._linear_pointwise(x, copies.get("packed", weight), bias,
+                                                  "none", [], "")
+    if path == "transposed":
+        y = torch.matmul(x, copies.get("transposed", weight))
+    elif path == "wide":
+        y = (weight @ x.reshape(rows, in_features).t()).t().reshape(*x.shape[:-1], out_features)
+    else:
+        return F.linear(x, weight, bias)
+    return y if bias is None else y + bias

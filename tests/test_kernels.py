@@ -1,0 +1,106 @@
+"""The CPU GEMM seam (scylla.modeling.kernels): every path equals F.linear, packed rows are
+row-independent, autograd falls back to F.linear, and derived copies follow the weight."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scylla.modeling import kernels
+from scylla.modeling.layers import Linear, LMHead
+
+ROWS = [1, 2, 3, 4, 5, 8, 13, 16, 17, 40]
+
+
+@pytest.mark.parametrize("path", kernels.PATHS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_every_path_equals_f_linear_for_every_row_count(path, bias):
+    torch.manual_seed(0)
+    lin = Linear(48, 80, bias=bias)
+    for rows in ROWS:
+        x = torch.randn(1, rows, 48)
+        with torch.inference_mode(), kernels.use_path(path):
+            y = lin(x)
+        assert y.shape == (1, rows, 80)
+        torch.testing.assert_close(y, F.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("path", kernels.PATHS)
+def test_batched_and_strided_inputs(path):
+    torch.manual_seed(1)
+    head = LMHead(32, 300, bias=False)
+    x = torch.randn(3, 5, 64)[..., ::2]  # (3, 5, 32), not contiguous
+    with torch.inference_mode(), kernels.use_path(path):
+        y = head(x)
+    torch.testing.assert_close(y, F.linear(x, head.weight), atol=1e-5, rtol=1e-5)
+    with torch.inference_mode(), kernels.use_path(path):  # no rows at all
+        assert head(torch.randn(0, 1, 32)).shape == (0, 1, 300)
+
+
+@pytest.mark.skipif(not kernels.HAVE_ONEDNN, reason="oneDNN not built into this torch")
+@pytest.mark.parametrize("shape", [(64, 96), (576, 960), (1536, 576)])
+def test_packed_rows_equal_their_one_row_products_bit_for_bit(shape):
+    """What keeps a verify forward's linears token-exact against plain decoding's."""
+    in_f, out_f = shape
+    torch.manual_seed(2)
+    lin = Linear(in_f, out_f, bias=True)
+    x = torch.randn(40, in_f)
+    with torch.inference_mode(), kernels.use_path("packed"):
+        single = torch.cat([lin(x[r:r + 1]) for r in range(40)])
+        for rows in ROWS:
+            assert torch.equal(lin(x[:rows]), single[:rows]), rows
+            assert torch.equal(lin(x[:rows].view(1, rows, in_f))[0], single[:rows]), rows
+
+
+def test_default_path_per_row_count_and_dtype():
+    if kernels.HAVE_ONEDNN:
+        assert kernels.choose_path(1, 576, 960, torch.float32) == "transposed"
+        assert kernels.choose_path(2, 576, 960, torch.float32) == "packed"
+        assert kernels.choose_path(16, 576, 49152, torch.float32) == "packed"
+    assert kernels.choose_path(2, 576, 960, torch.bfloat16) == "transposed"
+    assert kernels.choose_path(8, 576, 960, torch.bfloat16) == "linear"
+    with kernels.use_path("wide"):
+        assert kernels.choose_path(1, 8, 8, torch.float32) == "wide"
+    with pytest.raises(ValueError, match="unknown GEMM path"):
+        with kernels.use_path("fast"):
+            pass
+
+
+@pytest.mark.parametrize("path", ["packed", "transposed"])
+def test_a_weight_update_rebuilds_the_copy(path):
+    torch.manual_seed(3)
+    lin = Linear(16, 24)
+    x = torch.randn(2, 16)
+    with kernels.use_path(path):
+        with torch.inference_mode():
+            lin(x)
+        first = lin._copies.get(path, lin.weight)
+        with torch.no_grad():
+            lin.weight.mul_(2.0)  # in place, as an optimiser step
+        with torch.inference_mode():
+            y = lin(x)
+        assert lin._copies.get(path, lin.weight) is not first
+        torch.testing.assert_close(y, F.linear(x, lin.weight, lin.bias))
+        lin.weight = torch.nn.Parameter(torch.randn(24, 16))  # replaced
+        with torch.inference_mode():
+            torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias))
+        lin.release_weight_copies()
+        assert not lin._copies._copies
+
+
+def test_autograd_falls_back_to_f_linear_and_builds_no_copy():
+    torch.manual_seed(4)
+    lin = Linear(8, 6)
+    x = torch.randn(3, 8, requires_grad=True)
+    lin(x).sum().backward()  # trainable weight
+    torch.testing.assert_close(lin.weight.grad, x.detach().sum(0).expand(6, 8))
+    lin.requires_grad_(False)  # frozen layer, gradient to the input (a draft through a head)
+    x.grad = None
+    y = lin(x)
+    assert y.grad_fn is not None
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, lin.weight.sum(0).expand(3, 8))
+    assert not lin._copies._copies
+    with torch.no_grad():  # no autograd recording: the seam's path
+        lin(x)
+    assert lin._copies._copies or kernels.choose_path(3, 8, 6, torch.float32) in ("wide", "linear")
