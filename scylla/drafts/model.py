@@ -86,7 +86,7 @@ class DraftModel(nn.Module):
         # the target's LM head rows of the draft vocabulary: (Vd, H), frozen
         self.register_buffer("target_head_weight", target_head_weight, persistent=False)
         self.register_buffer("d2t", d2t)  # (Vd,) draft id -> target id, or None
-        self.fc = nn.Linear(2 * hidden, hidden, bias=True)
+        self.fc = Linear(2 * hidden, hidden, bias=True)  # the layers' CPU GEMM path
         self.layers = nn.ModuleList(DecoderLayer(spec.layer_config, i)
                                     for i in range(spec.draft_n_layer))
         self.rotary = RotaryEmbedding(spec.layer_config)
@@ -226,7 +226,7 @@ class Eagle3Draft(DraftModel):
                               "one layer (vLLM and SGLang disagree on how to serve more)")
         super().__init__(spec, embed_weight, target_head_weight, d2t)
         hidden = spec.target.hidden_size
-        self.fc = nn.Linear(len(spec.feature_layers) * hidden, hidden, bias=False)
+        self.fc = Linear(len(spec.feature_layers) * hidden, hidden, bias=False)
         self.layers = nn.ModuleList([Eagle3Layer(spec.layer_config)])
         self.norm = RMSNorm(hidden, spec.layer_config.rms_norm_eps)
         self.lm_head = nn.Linear(hidden, spec.vocab_size, bias=False)
