@@ -123,6 +123,21 @@ def test_unroll_has_gradients_through_every_step(target):
                for p in draft.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("rows", [1, 4, 20])
+def test_head_product_equals_the_linear_head_and_keeps_gradients(rows):
+    """The frontier's weight @ hidden.T path gives F.linear's logits; under autograd it falls
+    back to F.linear, whose gradient reaches the hidden state."""
+    from scylla.drafts.model import head_product
+
+    torch.manual_seed(0)
+    w, h = torch.randn(50, 8), torch.randn(2, rows, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(head_product(h, w), torch.nn.functional.linear(h, w))
+    h.requires_grad_(True)
+    head_product(h, w).sum().backward()
+    torch.testing.assert_close(h.grad, w.sum(0).expand_as(h))
+
+
 def test_tau_chain_is_one_plus_the_sum_of_chain_survival():
     assert tau_chain([0, 0, 0], 10) == 1.0
     assert tau_chain([10, 10, 10], 10) == 4.0
