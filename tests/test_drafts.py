@@ -124,18 +124,18 @@ def test_unroll_has_gradients_through_every_step(target):
 
 
 @pytest.mark.parametrize("rows", [1, 4, 20])
-def test_head_product_equals_the_linear_head_and_keeps_gradients(rows):
-    """The frontier's weight @ hidden.T path gives F.linear's logits; under autograd it falls
-    back to F.linear, whose gradient reaches the hidden state."""
-    from scylla.drafts.model import head_product
-
+def test_draft_readout_equals_the_linear_head_and_keeps_gradients(target, rows):
+    """The readout takes the GEMM seam for a tree level's frontier and gives F.linear's
+    logits; under autograd it falls back to F.linear, whose gradient reaches the hidden state."""
+    draft = make(target)
     torch.manual_seed(0)
-    w, h = torch.randn(50, 8), torch.randn(2, rows, 8)
+    h = torch.randn(2, rows, draft.target_head_weight.shape[1])
     with torch.no_grad():
-        torch.testing.assert_close(head_product(h, w), torch.nn.functional.linear(h, w))
+        torch.testing.assert_close(draft.readout(h),
+                                   torch.nn.functional.linear(h, draft.target_head_weight))
     h.requires_grad_(True)
-    head_product(h, w).sum().backward()
-    torch.testing.assert_close(h.grad, w.sum(0).expand_as(h))
+    draft.readout(h).sum().backward()
+    torch.testing.assert_close(h.grad, draft.target_head_weight.sum(0).expand_as(h))
 
 
 def test_tau_chain_is_one_plus_the_sum_of_chain_survival():

@@ -82,7 +82,8 @@ def render_report(out_dir: str | Path, profile: str, simulated: bool = False,
            # the kernel's cwd is notebooks/: pin the store the caller resolved
            "MLFLOW_TRACKING_URI": paths.tracking_uri(),
            "SCYLLA_PROJECT_DIR": str(paths.project_dir())}
-    with paths.environment(env), (shared_kernel() if one_kernel else contextlib.nullcontext()) as km:
+    kernel = shared_kernel() if one_kernel else contextlib.nullcontext()
+    with paths.environment(env), kernel as km:
         for name in names:
             start = time.perf_counter()
             nb = execute_notebook(src / f"{name}.ipynb", km)

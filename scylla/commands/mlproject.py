@@ -106,7 +106,8 @@ def sweep_entry(argv: list[str], project_dir: Path) -> int:
     names = params.get("sweep", "all")
     args = argparse.Namespace(
         sweeps=[] if names == "all" else names.split(","),
-        profile=params.get("profile") or default_profile(), simulate=_true(params.get("simulate", "false")),
+        profile=params.get("profile") or default_profile(),
+        simulate=_true(params.get("simulate", "false")),
         takeover=_true(params.get("takeover", "false")), backend=None, backend_config=None,
         parallel=False)
     return sweep_command.run(args)

@@ -47,24 +47,9 @@ from scylla.modeling import (
     RMSNorm,
     RotaryEmbedding,
     attention_step,
+    kernels,
 )
 from scylla.modeling.targets import TargetInfo
-
-
-def head_product(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Logits (..., V) of hidden (..., H) under an LM head weight (V, H).
-
-    For 2 to 16 rows on CPU outside autograd (a tree level's frontier) it multiplies
-    weight @ hidden.T and returns the transposed view, which streams the (V, H) weight once, as
-    the target's ``LMHead`` does: on SmolLM2's 49k x 576 head, 4 rows, 1 thread, 15 ms against
-    38 ms for ``F.linear`` (measured), and the head is nearly all of a draft step's cost.
-    """
-    rows = hidden.numel() // hidden.shape[-1]
-    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    if 1 < rows <= 16 and weight.is_cpu and not grad:
-        logits = (weight @ hidden.reshape(rows, hidden.shape[-1]).t()).t()  # (rows, V) view
-        return logits.reshape(*hidden.shape[:-1], weight.shape[0])
-    return F.linear(hidden, weight)
 
 
 @dataclass
@@ -85,6 +70,9 @@ class DraftModel(nn.Module):
         self.register_buffer("embed_weight", embed_weight, persistent=False)  # (V, H) frozen
         # the target's LM head rows of the draft vocabulary: (Vd, H), frozen
         self.register_buffer("target_head_weight", target_head_weight, persistent=False)
+        # the head is nearly all of a draft step's cost on a CPU: it takes the target's GEMM
+        # seam (scylla.modeling.kernels), with layouts of its own
+        self._head_copies = kernels.WeightCopies()
         self.register_buffer("d2t", d2t)  # (Vd,) draft id -> target id, or None
         self.fc = Linear(2 * hidden, hidden, bias=True)  # the layers' CPU GEMM path
         self.layers = nn.ModuleList(DecoderLayer(spec.layer_config, i)
@@ -147,7 +135,8 @@ class DraftModel(nn.Module):
 
     def readout(self, hidden: torch.Tensor) -> torch.Tensor:
         """Draft logits (B, K, Vd) from the draft's hidden (B, K, H)."""
-        return head_product(hidden, self.target_head_weight.to(hidden.dtype))
+        return kernels.linear(hidden, self.target_head_weight.to(hidden.dtype), None,
+                              self._head_copies)
 
     def target_logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
         """The target's logits over the draft vocabulary from its post-norm feature (B, K, H)."""
@@ -229,7 +218,7 @@ class Eagle3Draft(DraftModel):
         self.fc = Linear(len(spec.feature_layers) * hidden, hidden, bias=False)
         self.layers = nn.ModuleList([Eagle3Layer(spec.layer_config)])
         self.norm = RMSNorm(hidden, spec.layer_config.rms_norm_eps)
-        self.lm_head = nn.Linear(hidden, spec.vocab_size, bias=False)
+        self.lm_head = Linear(hidden, spec.vocab_size, bias=False)
         with torch.no_grad():
             self.lm_head.weight.copy_(target_head_weight)
 
@@ -247,7 +236,7 @@ class Eagle3Draft(DraftModel):
         return self.fc(features)
 
     def readout(self, hidden: torch.Tensor) -> torch.Tensor:
-        return head_product(self.norm(hidden), self.lm_head.weight)
+        return self.lm_head(self.norm(hidden))
 
     def body(self, input_ids: torch.Tensor, features: torch.Tensor, step: AttentionStep,
              kvs: list[Any]) -> torch.Tensor:

@@ -15,8 +15,9 @@ class Linear(nn.Linear):
     """nn.Linear whose CPU inference products go through ``scylla.modeling.kernels``.
 
     The seam picks the GEMM path per shape (for fp32 a transposed copy for one row, oneDNN
-    prepacked weights for more); CUDA, autograd and other dtypes use ``F.linear``. Derived weight layouts are built on first use, rebuilt when the weight changes
-    (new storage or in-place update) and dropped by ``release_weight_copies``.
+    prepacked weights for more); CUDA, autograd and other dtypes use ``F.linear``. Derived
+    weight layouts are built on first use, rebuilt when the weight changes (new storage or
+    in-place update) and dropped by ``release_weight_copies``.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, **kwargs):
