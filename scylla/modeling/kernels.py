@@ -49,9 +49,11 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from scylla.errors import ConfigError
+
 PATHS = ("packed", "transposed", "wide", "linear")
 
-_forced: str | None = os.environ.get("SCYLLA_CPU_GEMM") or None
+_forced: str | None = os.environ.get("SCYLLA_CPU_GEMM") or None  # checked at first use
 
 
 def _onednn_ok() -> bool:
@@ -67,7 +69,7 @@ def use_path(path: str | None) -> Iterator[None]:
     """Force one CPU inference path (``None``: the default choice) inside the block."""
     global _forced
     if path is not None and path not in PATHS:
-        raise ValueError(f"unknown GEMM path {path!r}; expected one of {PATHS}")
+        raise ConfigError(f"unknown GEMM path {path!r}; expected one of {', '.join(PATHS)}")
     old, _forced = _forced, path
     try:
         yield
@@ -82,6 +84,8 @@ def choose_path(rows: int, in_features: int, out_features: int, dtype: torch.dty
     docstring). Other dtypes: the transposed copy for up to 3 rows, else ``F.linear``.
     """
     if _forced is not None:
+        if _forced not in PATHS:
+            raise ConfigError(f"SCYLLA_CPU_GEMM={_forced!r}: expected one of {', '.join(PATHS)}")
         return _forced if (_forced != "packed" or _packable(dtype)) else "linear"
     if _packable(dtype):
         return "transposed" if rows == 1 else "packed"
