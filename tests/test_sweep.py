@@ -416,3 +416,17 @@ def test_mlflow_run_entry_points(mlflow_store, tmp_path):
     assert "0 run, 11 reused" in out.stdout + out.stderr
     done = [r for r in runs_of("tiny-quick-simulated") if r.info.status == "FINISHED"]
     assert len(done) == 1 + 3 + 12 + 1
+
+
+def test_a_stage_under_a_driver_leaves_its_report_to_the_driver(capsys):
+    """Stages print their own tables and results when run by hand; inside a sweep the runner
+    prints one line per call instead, so the main job's output stays readable."""
+    import json as json_module
+
+    from scylla import paths
+    from scylla.commands.cli import say
+
+    say("by hand")
+    with paths.environment({tracking.CONTEXT_ENV: json_module.dumps({"experiment": "e"})}):
+        say("under a driver")
+    assert capsys.readouterr().out == "by hand\n"

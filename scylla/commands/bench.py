@@ -13,7 +13,7 @@ from typing import Any, Callable
 import mlflow
 import torch
 
-from scylla.commands.cli import add_dataclass_args, dataclass_from_args
+from scylla.commands.cli import add_dataclass_args, dataclass_from_args, say
 from scylla.config import DecodeConfig, TargetSpec, as_params
 from scylla.data.prompts import load_prompts, sharegpt_prompts
 from scylla.decoding.bench import Bench, batch_sweep, check_methods, encode_prompts, measure
@@ -63,7 +63,7 @@ def run_batch_sweep(spec: TargetSpec, cfg: DecodeConfig, prompts: list[Any],
     ids = encode_prompts(bench.target.tokenizer, prompts,
                          bench.target.model.config.max_position_embeddings, cfg.max_new_tokens)
     rows = batch_sweep(bench, cfg, ids, [p.category for p in prompts], batch_sizes, top_ks,
-                       log=lambda r: print(f"batch {r['decode_batch_size']:>3} tree_top_k "
+                       log=lambda r: say(f"batch {r['decode_batch_size']:>3} tree_top_k "
                                            f"{r['tree_top_k']}: {r['tree_tokens_per_s']:.1f} "
                                            f"tok/s (plain {r['plain_tokens_per_s']:.1f}), "
                                            f"tau {r['tau']:.2f}", flush=True))
@@ -199,7 +199,7 @@ def run_forward_cost(spec: TargetSpec, args: argparse.Namespace) -> int:
     rows = forward_cost(bench.target.model, ks, args.context, bench.draft)
     report = {"machine": machine.description(), "target": spec.target, "draft": args.draft,
               "context": args.context, "threads": torch.get_num_threads(), "forward_cost": rows}
-    print(format_forward_cost(rows, args.context))
+    say(format_forward_cost(rows, args.context))
     if not args.no_mlflow:
         params = {**as_params(spec), "context": args.context, "draft": args.draft or ""}
         with stage_run("forward_cost", params, run_name="forward-cost"):
@@ -231,16 +231,16 @@ def run(args: argparse.Namespace) -> int:
                                  int_list("--sweep-top-k", args.sweep_top_k), args.draft)
         if not args.no_mlflow:
             log_sweep_to_mlflow(report, spec)
-        print(format_sweep(report))
+        say(format_sweep(report))
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=1))
         return 0
     report = run_bench(spec, cfg, methods, prompts, args.draft,
-                       log=lambda line: print(line, flush=True))
+                       log=lambda line: say(line, flush=True))
     if not args.no_mlflow:
         log_to_mlflow(report, spec)
-    print(format_table(report))
+    say(format_table(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
-        print(f"report written to {args.json}")
+        say(f"report written to {args.json}")
     return 0

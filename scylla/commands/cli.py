@@ -18,6 +18,7 @@ import warnings
 from typing import Any
 
 from scylla.errors import ScyllaError
+from scylla.pipeline.tracking import run_context
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "targets": ("scylla.commands.targets", "List the target registry and what is cached."),
@@ -58,6 +59,13 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[s
 def dataclass_from_args(cls: type, args: argparse.Namespace) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def say(*args: Any, **kwargs: Any) -> None:
+    """``print`` for a stage's own report, left out when a driver (``scylla sweep``, the main
+    job, an MLproject entry) runs the stage: the driver prints one line per call instead."""
+    if not run_context():
+        print(*args, **kwargs)
 
 
 def quiet() -> None:

@@ -6,7 +6,7 @@ import argparse
 
 import mlflow
 
-from scylla.commands.cli import add_dataclass_args, dataclass_from_args
+from scylla.commands.cli import add_dataclass_args, dataclass_from_args, say
 from scylla.config import TargetSpec, as_params
 from scylla.data.hidden_states import SPLIT_DIRS, HiddenStatesConfig, build_hidden_states
 from scylla.modeling.targets import load_target
@@ -44,8 +44,8 @@ def run(args: argparse.Namespace) -> int:
         if split in res:
             s = res[split]
             rate = s["tokens_built"] / max(s["seconds"], 1e-9)
-            print(f"{split}: {s['total_tokens']} tokens in {s['shards']} shards "
+            say(f"{split}: {s['total_tokens']} tokens in {s['shards']} shards "
                   f"({s['tokens_built']} built now, {rate:.0f} tokens/s)"
                   + (" [corpus exhausted]" if s["complete"] else ""))
-    print(f"shards: {res['root']}")
+    say(f"shards: {res['root']}")
     return 0

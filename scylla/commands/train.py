@@ -30,7 +30,7 @@ import mlflow
 from lightning.pytorch.loggers import MLFlowLogger
 
 from scylla import paths
-from scylla.commands.cli import add_dataclass_args, dataclass_from_args
+from scylla.commands.cli import add_dataclass_args, dataclass_from_args, say
 from scylla.config import DraftConfig, TargetSpec, TrainConfig, as_params
 from scylla.data.hidden_states import (
     HiddenStatesConfig,
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     layers = feature_layer_indices(data.feature_layers, target.model.config.num_hidden_layers)
     out = Path(args.out).expanduser() if args.out else default_out(target, params, draft_cfg, cfg)
     if (out / RESULT_FILE).is_file():
-        print(f"already trained: {out / RESULT_FILE}\n{(out / RESULT_FILE).read_text()}")
+        say(f"already trained: {out / RESULT_FILE}\n{(out / RESULT_FILE).read_text()}")
         return 0
     out.mkdir(parents=True, exist_ok=True)
     if cfg.online:
@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
             log_result(res)
     if "draft" in res:
         (out / RESULT_FILE).write_text(json.dumps(res, indent=1))
-        print(json.dumps({k: res[k] for k in sorted(res) if k.startswith(("val/", "draft"))},
+        say(json.dumps({k: res[k] for k in sorted(res) if k.startswith(("val/", "draft"))},
                          indent=1))
     return 0
 
