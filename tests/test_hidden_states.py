@@ -49,9 +49,12 @@ def test_shards_hold_the_targets_features_in_order(target, examples, tmp_path):
         assert row["input_ids"].tolist() == ids.tolist()
         assert row["loss_mask"].tolist() == mask.tolist()
         ref = target.model(torch.as_tensor(ids, dtype=torch.long)[None], hidden_layers=LAYERS)
-        torch.testing.assert_close(row["last_hidden"], ref.last_hidden[0], atol=1e-5, rtol=0)
+        # the build runs padded batches of thousands of rows, the reference one sequence: the
+        # GEMM kernels block them differently, so their fp32 rounding differs (~1e-5)
+        close = dict(atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(row["last_hidden"], ref.last_hidden[0], **close)
         for j in LAYERS:
-            torch.testing.assert_close(row[f"hidden.{j}"], ref.hidden[j][0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(row[f"hidden.{j}"], ref.hidden[j][0], **close)
     assert not torch.equal(reader[0]["hidden.1"], reader[0]["hidden.3"])
 
 
