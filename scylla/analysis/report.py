@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import html
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -52,15 +53,17 @@ def execute_notebook(path: Path, km: Any = None, timeout: int = 900) -> Any:
 @contextlib.contextmanager
 def shared_kernel() -> Iterator[Any]:
     """One kernel for several notebooks: the imports (torch, mlflow, sklearn, seaborn) are
-    paid once; each notebook still starts from an empty namespace."""
+    paid once; each notebook still starts from an empty namespace. It talks over IPC sockets
+    in a private temporary directory (over TCP the kernel warns that it is unencrypted)."""
     from jupyter_client.manager import KernelManager
 
-    km = KernelManager(kernel_name="python3")
-    km.start_kernel()
-    try:
-        yield km
-    finally:
-        km.shutdown_kernel(now=True)
+    with tempfile.TemporaryDirectory(prefix="scylla-kernel-") as tmp:
+        km = KernelManager(kernel_name="python3", transport="ipc", ip=str(Path(tmp) / "k"))
+        km.start_kernel()
+        try:
+            yield km
+        finally:
+            km.shutdown_kernel(now=True)
 
 
 def render_report(out_dir: str | Path, profile: str, simulated: bool = False,
@@ -86,7 +89,8 @@ def render_report(out_dir: str | Path, profile: str, simulated: bool = False,
     with paths.environment(env), kernel as km:
         for name in names:
             start = time.perf_counter()
-            nb = execute_notebook(src / f"{name}.ipynb", km)
+            with contextlib.nullcontext(km) if one_kernel else shared_kernel() as own:
+                nb = execute_notebook(src / f"{name}.ipynb", own)
             body, _ = exporter.from_notebook_node(nb)
             (out / f"{name}.html").write_text(body)
             if inplace:

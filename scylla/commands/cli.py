@@ -70,10 +70,12 @@ def say(*args: Any, **kwargs: Any) -> None:
 
 def quiet() -> None:
     """Keep library chatter out of a command's output: Lightning's banners and tips (its
-    rank-zero INFO logger), transformers' per-weight loading bars (read from the environment
-    when transformers is first imported), and a deprecation torch raises inside Lightning."""
+    rank-zero INFO logger), transformers' per-weight loading bars and MLflow's INFO notes (both
+    read from the environment when the library is first imported), and a deprecation torch
+    raises inside Lightning."""
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # its store-migration notes
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
