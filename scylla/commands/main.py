@@ -57,7 +57,8 @@ def job(args: argparse.Namespace, out: Path) -> int:
     bench = load_bench(spec, None)  # one load of both models for both batch sizes
     for batch in (1, 8):
         cfg = DecodeConfig(max_new_tokens=args.max_new_tokens, decode_batch_size=batch)
-        report = run_bench(spec, cfg, ["hf", "plain"], prompts, bench=bench)
+        report = run_bench(spec, cfg, ["hf", "plain"], prompts, bench=bench,
+                           log=lambda line: print(f"baseline, batch {batch}: {line}", flush=True))
         log_to_mlflow(report, spec)
         print(format_table(report), end="\n\n")
     if not args.skip_sweeps:
