@@ -13,6 +13,7 @@ from pathlib import Path
 import mlflow
 
 from scylla.analysis.law import FitSpec, fit_law, inputs_digest, write_fit
+from scylla.commands.cli import say
 from scylla.pipeline.tracking import run_context, stage_run
 
 
@@ -50,8 +51,8 @@ def run(args: argparse.Namespace) -> int:
                 write_fit(spec, fit, runs, Path(tmp))
                 mlflow.log_artifacts(tmp)
     lo, hi = fit.slope_ci
-    print(f"{spec.name or 'law'}: {fit.equation()}  R²={fit.r2:.4f}  slope CI "
+    say(f"{spec.name or 'law'}: {fit.equation()}  R²={fit.r2:.4f}  slope CI "
           f"[{lo:.4f}, {hi:.4f}]  extrapolation error {fit.extrap_error:.4f} "
           f"(within CI: {fit.extrap_within_ci})")
-    print(fit.points.to_string(index=False))
+    say(fit.points.to_string(index=False))
     return 0
