@@ -33,7 +33,6 @@ from scylla.drafts.train import (
 from scylla.drafts.unroll import unroll
 from scylla.drafts.vocab import (
     Vocabulary,
-    coverage,
     load_vocab,
     save_vocab,
     token_counts,
@@ -297,15 +296,6 @@ def test_vocabulary_file_round_trips_and_refuses_a_bad_file(tmp_path):
         load_vocab(path, "tiny", 256)
     with pytest.raises(DataError, match="missing.safetensors: cannot read it"):
         load_vocab(tmp_path / "missing.safetensors", "tiny", 256)
-
-
-def test_coverage_of_tokens_by_a_vocabulary():
-    d2t = torch.tensor([2, 5, 7])
-    assert coverage([2, 5, 9, 11], d2t) == 0.5
-    assert coverage(torch.tensor([[7, 7]]), d2t) == 1.0
-    assert coverage([3], None) == 1.0
-    with pytest.raises(DataError, match="empty"):
-        coverage([], d2t)
 
 
 # ---- a budget that accumulates

@@ -18,6 +18,7 @@ import warnings
 from typing import Any
 
 from scylla.errors import ScyllaError
+from scylla.experiments import DEFAULT_PROFILE, PROFILE_ENV, default_profile
 from scylla.pipeline.tracking import run_context
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -59,6 +60,14 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[s
 def dataclass_from_args(cls: type, args: argparse.Namespace) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def add_profile_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--profile``, the same flag and default (``$SCYLLA_PROFILE``, else quick) for every
+    command that reads or runs a sweep profile; ``what`` says what it picks."""
+    parser.add_argument("--profile", default=default_profile(),
+                        help=f"{what}: quick (minutes on a CPU) or paper (hours); default "
+                             f"${PROFILE_ENV}, else {DEFAULT_PROFILE}.")
 
 
 def say(*args: Any, **kwargs: Any) -> None:

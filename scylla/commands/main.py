@@ -23,8 +23,8 @@ from scylla.commands.bench import (
     log_to_mlflow,
     run_bench,
 )
+from scylla.commands.cli import add_profile_argument
 from scylla.config import DecodeConfig, TargetSpec
-from scylla.experiments import default_profile
 from scylla.pipeline.sweep import reproduce
 
 
@@ -33,9 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Prompts of the baseline benchmark.")
     parser.add_argument("--max-new-tokens", type=int, default=64,
                         help="New tokens per prompt in the baseline benchmark.")
-    parser.add_argument("--profile", default=default_profile(),
-                        help="Sweep profile: quick (minutes) or paper (hours). "
-                             "Default: $SCYLLA_PROFILE, else quick.")
+    add_profile_argument(parser, "Sweep profile")
     parser.add_argument("--skip-sweeps", action="store_true",
                         help="Only the baseline benchmark.")
     parser.add_argument("--out", default="out",

@@ -10,16 +10,14 @@ from __future__ import annotations
 import argparse
 
 from scylla.analysis.report import NOTEBOOKS, render_report
+from scylla.commands.cli import add_profile_argument
 from scylla.errors import ConfigError
-from scylla.experiments import default_profile
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="notebooks/report",
                         help="Output directory (default: notebooks/report/).")
-    parser.add_argument("--profile", default=default_profile(),
-                        help="Sweep profile whose runs the notebooks read (default: "
-                             "$SCYLLA_PROFILE or quick, as `scylla sweep`).")
+    add_profile_argument(parser, "Sweep profile whose runs the notebooks read")
     parser.add_argument("--simulated", action="store_true",
                         help="Read the runs of `scylla sweep --simulate`.")
     parser.add_argument("--notebooks", default=",".join(NOTEBOOKS),

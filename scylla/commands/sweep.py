@@ -11,8 +11,9 @@ import signal
 import sys
 from typing import Any
 
+from scylla.commands.cli import add_profile_argument
 from scylla.errors import ConfigError
-from scylla.experiments import default_profile, load_sweep, sweep_paths
+from scylla.experiments import load_sweep, sweep_paths
 from scylla.pipeline.dispatch import BACKENDS, Backend
 from scylla.pipeline.sweep import LAUNCHER_ENV, run_sweep
 
@@ -25,9 +26,7 @@ def _sigterm_as_exit(signum: int, frame: Any) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sweeps", nargs="*", help="Sweep names (pipelines/sweeps/<name>.yaml) "
                         "or YAML paths; default: all of them.")
-    parser.add_argument("--profile", default=default_profile(),
-                        help="Profile in each file: quick (minutes on a CPU) or paper (hours); "
-                             "default $SCYLLA_PROFILE or quick.")
+    add_profile_argument(parser, "Profile in each file")
     parser.add_argument("--simulate", action="store_true",
                         help="Replace hidden_states/train/decode with stand-ins (seconds) to "
                              "check files, wiring, reuse, fits and notebooks.")

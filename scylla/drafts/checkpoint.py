@@ -58,15 +58,19 @@ def draft_dir(path: str | Path) -> Path:
     return path
 
 
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of the checkpoint in directory ``path``."""
+    weights = path / WEIGHTS
+    try:
+        return load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise DataError(f"{weights}: cannot read draft weights ({e})") from e
+
+
 def read_checkpoint(path: str | Path) -> tuple[Path, DraftSpec, dict[str, torch.Tensor]]:
     """(directory, spec, state) of a draft checkpoint (see ``draft_dir``)."""
     path = draft_dir(path)
-    spec = read_spec(path)
-    weights = path / WEIGHTS
-    try:
-        return path, spec, load_file(str(weights))
-    except (SafetensorError, OSError) as e:
-        raise DataError(f"{weights}: cannot read draft weights ({e})") from e
+    return path, read_spec(path), read_weights(path)
 
 
 def load_draft(path: str | Path, target: Any) -> DraftModel:
@@ -74,12 +78,12 @@ def load_draft(path: str | Path, target: Any) -> DraftModel:
     embedding and LM head. Raises DraftMismatchError when ``target`` is not the one the draft
     was trained for (checked before the weights are read)."""
     path = draft_dir(path)
-    read_spec(path).check_target(target, where=f"draft {path}")
-    _, spec, state = read_checkpoint(path)
-    weights = path / WEIGHTS
+    spec = read_spec(path)
+    spec.check_target(target, where=f"draft {path}")
+    state = read_weights(path)
     draft = instantiate(spec, target, state.get("d2t"))
     missing, unexpected = draft.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise DataError(f"{weights} does not match its config {CONFIG}: missing "
+        raise DataError(f"{path / WEIGHTS} does not match its config {CONFIG}: missing "
                         f"{missing}, unexpected {unexpected}")
     return draft.to(dtype=target.model.embed_tokens.weight.dtype).eval()

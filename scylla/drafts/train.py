@@ -137,16 +137,6 @@ def online_sources(data: HiddenStatesConfig, target: Any, cfg: TrainConfig
     return train, val
 
 
-def vocab_path(data: HiddenStatesConfig, target: Any, draft_cfg: DraftConfig) -> Path:
-    """The vocabulary file of ``draft_cfg.vocab``: the path it names, or for 'corpus' the
-    cached counts of the tokenized training split (its cache key names order and tokenizer)."""
-    if draft_cfg.vocab != "corpus":
-        return Path(draft_cfg.vocab).expanduser()
-    key = open_corpus(data, target.tokenizer, "train").dir.name
-    return (paths.data_dir() / "vocab" / slug(target.name)
-            / f"{key}-{draft_cfg.vocab_tokens or 'all'}.safetensors")
-
-
 def draft_vocabulary(data: HiddenStatesConfig, target: Any, draft_cfg: DraftConfig,
                      cfg: TrainConfig) -> Vocabulary | None:
     """The fixed vocabulary a pruned draft chooses its tokens from (None when there is none
@@ -154,11 +144,15 @@ def draft_vocabulary(data: HiddenStatesConfig, target: Any, draft_cfg: DraftConf
     'corpus' it is counted once, then read from its file."""
     if not draft_cfg.draft_vocab_size or draft_cfg.vocab == "budget" or cfg.init_from:
         return None
-    path = vocab_path(data, target, draft_cfg)
     vocab_size = target.model.config.vocab_size
-    if path.is_file() or draft_cfg.vocab != "corpus":
-        return load_vocab(path, target.name, vocab_size)
+    if draft_cfg.vocab != "corpus":
+        return load_vocab(Path(draft_cfg.vocab).expanduser(), target.name, vocab_size)
     corpus = open_corpus(data, target.tokenizer, "train")
+    # the cached counts of the tokenized training split: its cache key names order and tokenizer
+    path = (paths.data_dir() / "vocab" / slug(target.name)
+            / f"{corpus.dir.name}-{draft_cfg.vocab_tokens or 'all'}.safetensors")
+    if path.is_file():
+        return load_vocab(path, target.name, vocab_size)
     examples = list(corpus.examples(draft_cfg.vocab_tokens or None))
     tokens = sum(len(e.input_ids) for e in examples)
     counts = token_counts(((e.input_ids, e.loss_mask) for e in examples), vocab_size)

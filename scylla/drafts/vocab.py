@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from scylla.errors import ConfigError, DataError
 
@@ -104,8 +104,7 @@ def load_vocab(path: str | Path, target_name: str, vocab_size: int) -> Vocabular
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
-        tensors = load_file(str(path))
-        ids, counts = tensors["ids"].long(), tensors["counts"].long()
+            ids, counts = f.get_tensor("ids").long(), f.get_tensor("counts").long()
     except (OSError, SafetensorError, KeyError) as e:
         raise DataError(f"vocabulary file {path}: cannot read it ({e}); rebuild it (delete the "
                         "file: `scylla train` writes it again)") from e
@@ -120,15 +119,3 @@ def load_vocab(path: str | Path, target_name: str, vocab_size: int) -> Vocabular
     full = torch.zeros(vocab_size, dtype=torch.long)
     full[ids] = counts
     return Vocabulary(full, meta.get("source", ""), target_name, file_digest(path))
-
-
-def coverage(tokens: Iterable[int] | torch.Tensor, d2t: torch.Tensor | None) -> float:
-    """Fraction of ``tokens`` (e.g. the target's greedy tokens on Spec-Bench) inside the
-    draft vocabulary ``d2t`` (None: the full vocabulary, coverage 1)."""
-    t = torch.as_tensor(tokens if isinstance(tokens, torch.Tensor) else list(tokens),
-                        dtype=torch.long).flatten()
-    if not t.numel():
-        raise DataError("coverage of an empty token list")
-    if d2t is None:
-        return 1.0
-    return float(torch.isin(t, d2t.to(t.device)).float().mean())
