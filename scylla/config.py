@@ -47,7 +47,8 @@ class TargetSpec:
         check(self.dtype in DTYPES, "TargetSpec", "dtype", self.dtype, f"one of {DTYPES}")
 
 
-DECODE_METHODS = ("hf", "plain", "pld", "hf-assisted-pld", "chain", "tree", "static-tree")
+DECODE_METHODS = ("hf", "plain", "pld", "hf-assisted-pld", "chain", "tree", "static-tree",
+                  "hybrid")
 
 
 @dataclass
@@ -58,9 +59,14 @@ class DecodeConfig:
     temperature: float = doc("Sampling temperature; 0 means greedy.", 0.0)
     sample_top_p: float = doc("Nucleus sampling mass, applied identically to target and draft.",
                               1.0)
-    draft_len: int = doc("Chain drafting: draft tokens proposed per step.", 4)
+    draft_len: int = doc("Chain drafting and prompt lookup (pld, hybrid): tokens proposed per "
+                         "step.", 4)
     # EAGLE-2 uses depth 5-7, top-k 10, 60 tokens on GPUs; on a 2-core CPU the verify cost
     # grows with every tree token (k=16 costs 3.2x a k=1 forward), so defaults are smaller.
+    tree: str = doc("tree and hybrid: 'auto' = the planner sizes the tree (total tokens, depth, "
+                    "lookup tokens, or no speculation at all) from this machine's measured "
+                    "forward costs and the draft's measured acceptance; 'fixed' = tree_depth, "
+                    "tree_total_tokens and draft_len as given.", "auto")
     tree_top_k: int = doc("Dynamic tree: children expanded per frontier node.", 4)
     tree_depth: int = doc("Dynamic tree: draft steps per verification.", 5)
     tree_total_tokens: int = doc("Dynamic tree: draft tokens kept for verification.", 12)
@@ -78,6 +84,7 @@ class DecodeConfig:
         check(self.temperature >= 0, o, "temperature", self.temperature, ">= 0")
         check(0 < self.sample_top_p <= 1, o, "sample_top_p", self.sample_top_p, "in (0, 1]")
         check(self.draft_len >= 1, o, "draft_len", self.draft_len, ">= 1")
+        check(self.tree in ("auto", "fixed"), o, "tree", self.tree, "'auto' or 'fixed'")
         check(self.tree_top_k >= 1, o, "tree_top_k", self.tree_top_k, ">= 1")
         check(self.tree_depth >= 1, o, "tree_depth", self.tree_depth, ">= 1")
         check(self.tree_total_tokens >= 1, o, "tree_total_tokens", self.tree_total_tokens, ">= 1")

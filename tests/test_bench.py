@@ -75,7 +75,9 @@ def test_table_shows_methods_and_categories(tiny_bench):
     assert "plain" in text and "qa" in text and "rag" in text and "yes" in text
 
 
-def test_batch_sweep_times_plain_once_per_batch_size_and_every_tree_is_exact(tiny_bench):
+def test_batch_sweep_times_plain_once_per_batch_size_and_every_tree_is_exact(
+        tiny_bench, tmp_path, monkeypatch):
+    monkeypatch.setenv("SCYLLA_DATA_DIR", str(tmp_path))  # the planner's cost cache
     bench = Bench(tiny_bench.target, random_draft(tiny_bench.target), tiny_bench.hf)
     runs = []
     timed = bench.timed
@@ -83,18 +85,20 @@ def test_batch_sweep_times_plain_once_per_batch_size_and_every_tree_is_exact(tin
     ids = [[1, 7, 8, 9], [1, 20, 21], [1, 30]]
     cfg = DecodeConfig(max_new_tokens=6, tree_depth=2, tree_total_tokens=3)
     seen = []
-    rows = batch_sweep(bench, cfg, ids, ["a", "b", "a"], [1, 2], [1, 2], log=seen.append)
+    rows = batch_sweep(bench, cfg, ids * 12, ["a", "b", "a"] * 12, [1, 2], [1, 2, "auto"],
+                       log=seen.append)
     assert seen == rows
-    assert runs == [("plain", 1), ("tree", 1), ("tree", 1), ("plain", 2), ("tree", 2),
-                    ("tree", 2)]
-    assert [(r["decode_batch_size"], r["tree_top_k"]) for r in rows] == [(1, 1), (1, 2),
-                                                                          (2, 1), (2, 2)]
+    assert runs == [("plain", 1), ("tree", 1), ("tree", 1), ("hybrid", 1), ("plain", 2),
+                    ("tree", 2), ("tree", 2), ("hybrid", 2)]
+    assert [(r["decode_batch_size"], r["tree_top_k"]) for r in rows] == [
+        (1, 1), (1, 2), (1, "auto"), (2, 1), (2, 2), (2, "auto")]
+    assert [bool(r["plan"]) for r in rows] == [False, False, True] * 2
     assert all(r["exact_match"] and r["tau"] >= 1 for r in rows)
     for r in rows:
         assert r["speedup"] == pytest.approx(r["tree_tokens_per_s"] / r["plain_tokens_per_s"])
     text = format_sweep({"machine": "m", "target": "tiny", "draft": "d", "num_prompts": 3,
                          "config": asdict(cfg), "sweep": rows})
-    assert "best k" in text and len(text.splitlines()) == 4 + 2
+    assert "best k" in text and "planner" in text and len(text.splitlines()) == 4 + 2 + 3
 
 
 def test_forward_cost_times_each_k_and_leaves_the_caches_as_they_were(tiny_bench):
@@ -165,4 +169,6 @@ def test_main_job_baseline_loads_the_models_once_and_logs_both_batch_sizes(
     assert len(loads) == 1
     assert out.count("decode_batch_size: 1,") == 1 and out.count("decode_batch_size: 8,") == 1
     runs = load_runs(stage="decode")
-    assert sorted(runs["decode_batch_size"].astype(int).tolist()) == [1, 1, 8, 8]
+    methods = ["hf", "plain", "hybrid"]  # hybrid with the shipped draft
+    assert sorted(runs["decode_batch_size"].astype(int).tolist()) == [1] * 3 + [8] * 3
+    assert sorted(runs["method"]) == sorted(methods * 2)

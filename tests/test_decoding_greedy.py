@@ -20,7 +20,7 @@ from scylla.decoding.plain import plain_decode
 V = 96
 MAX_NEW = 20
 LENGTHS = [6, 11, 3, 9, 14, 5, 8]
-SPEC = ["chain", "tree", "static-tree", "pld"]
+SPEC = ["chain", "tree", "static-tree", "pld", "hybrid"]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def setup():
 
 def cfg_for(method: str, batch: int, **kw) -> DecodeConfig:
     base = dict(method=method, max_new_tokens=MAX_NEW, decode_batch_size=batch, draft_len=4,
-                tree_top_k=3, tree_depth=4, tree_total_tokens=9,
+                tree="fixed", tree_top_k=3, tree_depth=4, tree_total_tokens=9,
                 static_tree="0,1,2,00,01,10,000,0000", pld_ngram=2)
     return DecodeConfig(**{**base, **kw})
 
@@ -72,6 +72,21 @@ def test_batched_rows_equal_one_by_one(setup, method):
     for a, b in zip(one.stats, many.stats):
         assert dataclasses.replace(a, seconds=0.0) == dataclasses.replace(b, seconds=0.0)
         assert a.seconds > 0 and b.seconds > 0
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("method", ["tree", "hybrid"])
+def test_planned_trees_equal_plain_greedy(setup, method, batch, tmp_path, monkeypatch):
+    """--tree auto: calibration, then the planner's tree (or none), still exact."""
+    monkeypatch.setenv("SCYLLA_DATA_DIR", str(tmp_path))  # the planner's cost cache
+    target, prompts, ref, drafts = setup
+    for name in ("random", "oracle", "noisy"):
+        res = METHODS[method](target, prompts * 3, cfg_for(method, batch, tree="auto"),
+                              drafts[name])
+        assert res.tokens == ref.tokens * 3, f"{method} batch={batch} draft={name}"
+        assert res.plan["calibration_steps"] >= 32 and res.plan["mode"] in (
+            "plain", "lookup", "tree", "hybrid")
+    assert list(tmp_path.glob("plans/costs-*.json"))
 
 
 def test_oracle_chain_accepts_everything_and_counts_add_up(setup):

@@ -7,7 +7,12 @@ from decoding_fixtures import OracleDraft, prompts_of, random_draft, tiny_target
 
 from scylla.config import DecodeConfig
 from scylla.decoding import METHODS
-from scylla.decoding.metrics import accepted_histogram, by_category, result_metrics, summarize
+from scylla.decoding.metrics import (
+    accepted_histogram,
+    by_category,
+    result_metrics,
+    summarize,
+)
 from scylla.decoding.result import DecodeResult, RowStats
 
 

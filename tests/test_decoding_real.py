@@ -1,7 +1,7 @@
 """The engine on the real SmolLM2-135M-Instruct target, and ``scylla generate``.
 
-The draft is an untrained one (rejections everywhere) unless SCYLLA_TEST_DRAFT names a trained
-checkpoint; prompt lookup accepts real copies of the prompt.
+The draft is the one shipped for the target (``--draft default``) unless SCYLLA_TEST_DRAFT names
+another checkpoint; prompt lookup accepts real copies of the prompt.
 """
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import json
 import os
 
 import pytest
-import torch
 
 from scylla.commands.cli import main
 from scylla.config import DecodeConfig
@@ -23,15 +22,11 @@ QUESTIONS = ["Repeat after me: the quick brown fox jumps over the lazy dog.",
 
 @pytest.fixture(scope="module")
 def real():
-    from scylla.drafts import draft_spec, instantiate, load_draft
+    from scylla.drafts.io import from_pretrained
     from scylla.modeling.targets import load_target
 
     target = load_target("smollm2-135m-instruct")
-    if os.environ.get("SCYLLA_TEST_DRAFT"):
-        draft = load_draft(os.environ["SCYLLA_TEST_DRAFT"], target)
-    else:
-        torch.manual_seed(0)
-        draft = instantiate(draft_spec("scylla", 1, target), target).eval()
+    draft = from_pretrained(os.environ.get("SCYLLA_TEST_DRAFT", "default"), target)
     prompts = [target.tokenizer.apply_chat_template([{"role": "user", "content": q}],
                                                     add_generation_prompt=True)
                for q in QUESTIONS]
@@ -40,15 +35,18 @@ def real():
     return target, draft, prompts, plain
 
 
-@pytest.mark.parametrize("method,batch", [("tree", 1), ("tree", 2), ("chain", 2),
-                                          ("static-tree", 2), ("pld", 2)])
-def test_real_target_greedy_equals_plain(real, method, batch):
+@pytest.mark.parametrize("method,batch,tree", [
+    ("tree", 1, "fixed"), ("tree", 2, "fixed"), ("chain", 2, "fixed"),
+    ("static-tree", 2, "fixed"), ("pld", 2, "fixed"), ("hybrid", 2, "fixed"),
+    ("hybrid", 1, "auto")])
+def test_real_target_greedy_equals_plain(real, method, batch, tree, tmp_path, monkeypatch):
     target, draft, prompts, plain = real
-    cfg = DecodeConfig(max_new_tokens=MAX_NEW, decode_batch_size=batch, draft_len=3,
+    monkeypatch.setenv("SCYLLA_DATA_DIR", str(tmp_path))  # the planner's cost cache
+    cfg = DecodeConfig(max_new_tokens=MAX_NEW, decode_batch_size=batch, draft_len=3, tree=tree,
                        tree_top_k=3, tree_depth=3, tree_total_tokens=6, static_tree="0,1,00")
     res = METHODS[method](target, prompts, cfg, draft)
     assert res.tokens == plain.tokens
-    if method == "pld":
+    if method in ("pld", "hybrid"):
         assert res.tau > 1.0  # the copy task is found in the prompt
 
 
@@ -64,7 +62,12 @@ def test_generate_streams_text_and_reports_tau(real, tmp_path, capsys):
     assert out.out.strip() and "[tree] τ=" in out.err and "tokens/s" in out.err
     chat = tmp_path / "chat.json"
     chat.write_text(json.dumps([{"role": "user", "content": QUESTIONS[1]}]))
-    assert main(["generate", "--chat", str(chat), "--max-new-tokens", "8"]) == 0
+    # no --draft: the shipped draft, with the hybrid method
+    assert main(["generate", "--chat", str(chat), "--max-new-tokens", "8", "--tree",
+                 "fixed"]) == 0
+    assert "[hybrid] τ=" in capsys.readouterr().err
+    assert main(["generate", "--chat", str(chat), "--max-new-tokens", "8", "--method",
+                 "pld"]) == 0
     assert "[pld] τ=" in capsys.readouterr().err
 
 
@@ -73,5 +76,7 @@ def test_generate_errors(real, tmp_path, capsys):
     bad.write_text('[{"role": "robot", "content": "hi"}]')
     assert main(["generate", "--chat", str(bad), "--max-new-tokens", "4"]) == 2
     assert "--chat" in capsys.readouterr().err
-    assert main(["generate", "--prompt", "hi", "--method", "tree", "--max-new-tokens", "4"]) == 2
-    assert "needs a draft model" in capsys.readouterr().err
+    missing = tmp_path / "no-draft"
+    assert main(["generate", "--prompt", "hi", "--draft", str(missing), "--max-new-tokens",
+                 "4"]) == 2
+    assert str(missing) in capsys.readouterr().err

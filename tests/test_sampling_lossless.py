@@ -45,7 +45,8 @@ def broken(verify):
     def wrong(tree, q, cands, generator=None):
         if cands.probs is not None:
             cands = dataclasses.replace(cands, probs=torch.full_like(cands.probs,
-                                                                     1.0 / cands.probs.shape[-1]))
+                                                                     1.0 / cands.probs.shape[-1]),
+                                        fixed=None)
         else:  # deterministic proposals: pretend they were drawn uniformly
             cands = dataclasses.replace(
                 cands, probs=torch.full((*cands.tokens.shape[:2], q.shape[-1]), 1.0 / q.shape[-1]),
@@ -78,17 +79,40 @@ def one_node_case(rows: int, seed: int):
     return tree, q, cands, q_root, q_child, g
 
 
-@pytest.mark.parametrize("deterministic", [False, True])
+def with_lookup_first(tree: Tree, cands: Candidates, token: int) -> tuple[Tree, Candidates]:
+    """The hybrid's case: a fixed lookup candidate (node 3) tested before the root's draws."""
+    rows = len(tree.tokens)
+    tree = Tree(tokens=torch.cat([tree.tokens, torch.full((rows, 1), token)], 1),
+                parents=torch.tensor([-1, 0, 0, 0]).expand(rows, -1),
+                depth=torch.tensor([0, 1, 1, 1]).expand(rows, -1),
+                valid=torch.ones(rows, 4, dtype=torch.bool), max_depth=1)
+    pad = lambda x, v: torch.cat([x, torch.full_like(x[:, :1], v)], 1)  # noqa: E731 (one node)
+    first = lambda x, v: torch.cat([torch.full_like(x[..., :1], v), x], -1)  # noqa: E731
+    node = pad(first(cands.node, -1), -1)
+    node[:, 0, 0] = 3
+    ok = pad(first(cands.ok, False), False)
+    ok[:, 0, 0] = True
+    fixed = torch.zeros_like(ok)
+    fixed[:, 0, 0] = True
+    return tree, Candidates(tokens=pad(first(cands.tokens, token), token), node=node, ok=ok,
+                            probs=cands.probs, dist_of=pad(cands.dist_of, -1), fixed=fixed)
+
+
+@pytest.mark.parametrize("deterministic", ["drawn", "fixed", "fixed-then-drawn"])
 @pytest.mark.parametrize("verify,should_pass", [(verify_sampled, True),
                                                 (broken(verify_sampled), False)])
 def test_verifier_emits_target_samples(verify, should_pass, deterministic):
-    """deterministic: fixed candidates proposed with probability 1 (prompt lookup)."""
+    """fixed: candidates proposed with probability 1 (prompt lookup); fixed-then-drawn: a
+    lookup candidate before the draft's draws of the same node (the hybrid's tree)."""
     tree, q, cands, q_root, q_child, g = one_node_case(40000, seed=0)
-    if deterministic:
+    if deterministic == "fixed":
         fixed = torch.tensor([1, 3, 4])
         tree.tokens = torch.cat([tree.tokens[:, :1], fixed[:2].expand(len(tree.tokens), -1)], 1)
         cands = dataclasses.replace(cands, tokens=fixed.expand(cands.tokens.shape).clone(),
                                     probs=None)
+    elif deterministic == "fixed-then-drawn":
+        tree, cands = with_lookup_first(tree, cands, token=1)
+        q = torch.cat([q, q[:, -1:]], 1)
     v = verify(tree, q, cands, g)
     first = torch.bincount(v.tokens[:, 0], minlength=6)
     two = v.count == 2
@@ -135,7 +159,8 @@ def sample_three(target, method, draft, temperature, top_p, seed) -> torch.Tenso
 # acceptance rates seen: oracle 1.0 (p = q), noisy oracle ~0.6-0.8, random ~0.4
 CASES = [("chain", "oracle", 1.0, 1.0), ("chain", "random", 1.0, 1.0),
          ("tree", "noisy", 1.0, 1.0), ("tree", "random", 0.8, 0.9),
-         ("static-tree", "noisy", 1.0, 0.9), ("pld", None, 1.0, 1.0)]
+         ("static-tree", "noisy", 1.0, 0.9), ("pld", None, 1.0, 1.0),
+         ("hybrid", "noisy", 1.0, 1.0), ("hybrid", "random", 0.8, 0.9)]
 
 
 @pytest.mark.parametrize("method,draft_name,temperature,top_p", CASES)
@@ -149,7 +174,8 @@ def test_first_tokens_follow_the_target(small, method, draft_name, temperature, 
     assert p12 > ALPHA and p3 > ALPHA, (p12, p3)
 
 
-@pytest.mark.parametrize("method,draft_name", [("chain", "oracle"), ("tree", "oracle")])
+@pytest.mark.parametrize("method,draft_name", [("chain", "oracle"), ("tree", "oracle"),
+                                               ("hybrid", "oracle")])
 def test_a_broken_sampler_fails(small, monkeypatch, method, draft_name):
     monkeypatch.setattr(engine, "verify_sampled", broken(verify_sampled))
     joint, _ = exact_distributions(small.model, 1.0, 1.0)

@@ -5,6 +5,7 @@ logged as ``decode`` stage runs in MLflow and printed as a table.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -16,9 +17,17 @@ import torch
 from scylla.commands.cli import add_dataclass_args, dataclass_from_args, say
 from scylla.config import DecodeConfig, TargetSpec, as_params
 from scylla.data.prompts import load_prompts, sharegpt_prompts
-from scylla.decoding.bench import Bench, batch_sweep, check_methods, encode_prompts, measure
+from scylla.decoding.bench import (
+    AUTO,
+    Bench,
+    batch_sweep,
+    check_methods,
+    encode_prompts,
+    measure,
+)
 from scylla.decoding.forward_cost import format_forward_cost, forward_cost
-from scylla.drafts.io import from_pretrained
+from scylla.decoding.methods import DRAFTED
+from scylla.drafts.io import DEFAULT, from_pretrained
 from scylla.errors import ConfigError
 from scylla.modeling.targets import load_hf_model, load_target
 from scylla.pipeline import machine
@@ -39,7 +48,14 @@ def describe(bench: Bench, spec: TargetSpec, cfg: DecodeConfig, prompts: list[An
             "device": str(bench.target.device),
             "dtype": str(bench.target.dtype).removeprefix("torch."),
             "draft": draft_path, "num_prompts": len(prompts),
-            "prompt_ids": [p.id for p in prompts], "config": as_params(cfg)}
+            "prompt_ids": [p.id for p in prompts], "prompts_sha256": prompts_digest(prompts),
+            "config": as_params(cfg)}
+
+
+def prompts_digest(prompts: list[Any]) -> str:
+    """Names the exact prompts decoded (ids, categories, first turns), logged with each run."""
+    text = json.dumps([[p.id, p.category, p.turns[0]] for p in prompts])
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def run_bench(spec: TargetSpec, cfg: DecodeConfig, methods: list[str], prompts: list[Any],
@@ -71,7 +87,7 @@ def run_batch_sweep(spec: TargetSpec, cfg: DecodeConfig, prompts: list[Any],
 
 
 def format_sweep(report: dict[str, Any]) -> str:
-    ks = sorted({r["tree_top_k"] for r in report["sweep"]})
+    ks = list(dict.fromkeys(r["tree_top_k"] for r in report["sweep"]))
     lines = [f"machine: {report['machine']}", f"target: {report['target']}, draft: "
              f"{report['draft']}, prompts: {report['num_prompts']}, tree_total_tokens: "
              f"{report['config']['tree_total_tokens']}, tree_depth: "
@@ -85,7 +101,22 @@ def format_sweep(report: dict[str, Any]) -> str:
         lines.append(f"{b:>6}{cells[ks[0]]['plain_tokens_per_s']:>9.1f}" + "".join(
             f"{c['tree_tokens_per_s']:>8.1f} ({c['speedup']:.2f}x,{c['tau']:.2f})"
             .rjust(20) for c in (cells[k] for k in ks)) + f"{best['tree_top_k']:>8}")
+    plans = [r for r in report["sweep"] if r["plan"]]
+    if plans:
+        lines.append(f"k={AUTO}: hybrid sized by the planner per batch size")
+        lines += [f"{r['decode_batch_size']:>6}  {describe_plan(r['plan'])}" for r in plans]
     return "\n".join(lines)
+
+
+def describe_plan(plan: dict[str, Any]) -> str:
+    what = {"plain": "plain decoding (no tree pays)",
+            "lookup": f"prompt lookup alone, {plan['lookup_len']} tokens",
+            "tree": f"draft tree of {plan['tree_total_tokens']} tokens, depth "
+                    f"{plan['tree_depth']}",
+            "hybrid": f"draft tree of {plan['tree_total_tokens']} tokens, depth "
+                      f"{plan['tree_depth']}, + {plan['lookup_len']} lookup tokens"}[plan["mode"]]
+    return (f"{what}; predicted tau {plan['tau']:.2f}, speed-up {plan['speedup']:.2f}x "
+            f"(calibrated on {plan['calibration_steps']} row-steps)")
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -95,12 +126,19 @@ def format_table(report: dict[str, Any]) -> str:
              f"{report['num_prompts']}, decode_batch_size: {cfg['decode_batch_size']}, "
              f"max_new_tokens: {cfg['max_new_tokens']}, temperature: {cfg['temperature']}",
              f"{'method':<16}{'tok/s':>8}{'speedup':>9}{'tau':>7}{'new tok':>9}"
-             f"{'fwds':>7}{'exact':>7}"]
+             f"{'fwds':>7}{'draft ms':>9}{'verify ms':>10}{'exact':>7}",
+             f"{'':<56}{'(per target forward)':>19}"]
     for m in report["methods"]:
         exact = {None: "-", True: "yes", False: "NO"}[m["exact_match"]]
         sp = f"{m['speedup']:.2f}x" if m["speedup"] else "-"
+        split, fwds = m["seconds_split"], max(1, m["target_forwards"])
+        per = {part: f"{1e3 * split[part] / fwds:.1f}" if part in split else "-"
+               for part in ("draft", "verify")}
         lines.append(f"{m['method']:<16}{m['tokens_per_s']:>8.1f}{sp:>9}{m['tau']:>7.2f}"
-                     f"{m['new_tokens']:>9}{m['target_forwards']:>7}{exact:>7}")
+                     f"{m['new_tokens']:>9}{m['target_forwards']:>7}{per['draft']:>9}"
+                     f"{per['verify']:>10}{exact:>7}")
+        if m["plan"]:
+            lines.append(f"    planned: {describe_plan(m['plan'])}")
         for mm in m["mismatches"]:
             gap = f", logit gap {mm['logit_gap']:.4f}" if "logit_gap" in mm else ""
             lines.append(f"    prompt {mm['prompt']}: first difference at token {mm['position']}"
@@ -119,7 +157,9 @@ def log_to_mlflow(report: dict[str, Any], spec: TargetSpec) -> None:
     """One ``decode`` stage run per method, with its ``decode_metrics``."""
     for m in report["methods"]:
         params = {**as_params(spec), **report["config"], "method": m["method"],
-                  "num_prompts": report["num_prompts"], "draft": report["draft"] or ""}
+                  "num_prompts": report["num_prompts"], "draft": report["draft"] or "",
+                  "prompts": report.get("prompts", ""),
+                  "prompts_sha256": report["prompts_sha256"]}
         with stage_run("decode", params, run_name=f"bench-{m['method']}") as run:
             mlflow.log_metrics(m["metrics"])
             mlflow.set_tag("machine", report["machine"])
@@ -130,7 +170,9 @@ def log_to_mlflow(report: dict[str, Any], spec: TargetSpec) -> None:
 def log_sweep_to_mlflow(report: dict[str, Any], spec: TargetSpec) -> None:
     """One ``decode`` stage run per (batch size, width) of a batch sweep."""
     for row in report["sweep"]:
-        params = {**as_params(spec), **report["config"], "method": "tree",
+        params = {**as_params(spec), **report["config"], "method": row["method"],
+                  "prompts": report.get("prompts", ""), "prompts_sha256": report["prompts_sha256"],
+                  "tree": "auto" if row["tree_top_k"] == AUTO else "fixed",
                   "decode_batch_size": row["decode_batch_size"], "tree_top_k": row["tree_top_k"],
                   "num_prompts": report["num_prompts"], "draft": report["draft"] or ""}
         with stage_run("decode", params, run_name=f"sweep-b{row['decode_batch_size']}"
@@ -142,13 +184,16 @@ def log_sweep_to_mlflow(report: dict[str, Any], spec: TargetSpec) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", default="hf,plain",
                         help="Comma-separated methods: hf, hf-assisted-pld, plain, and the "
-                             "speculative ones (chain, tree, static-tree, pld).")
+                             "speculative ones (chain, tree, static-tree, pld, hybrid).")
     parser.add_argument("--prompts", default=None,
                         help="Prompt JSONL (Spec-Bench's question.jsonl or any {'prompt': ...} "
                              "lines). Default: held-out ShareGPT conversations.")
     parser.add_argument("--num-prompts", type=int, default=20,
                         help="Prompts to decode, spread evenly over the file's categories.")
-    parser.add_argument("--draft", default=None, help="Draft checkpoint directory.")
+    parser.add_argument("--draft", default=None,
+                        help=f"Draft checkpoint directory, or '{DEFAULT}' (the draft shipped for "
+                             "the target), which methods that need a draft use when none is "
+                             "given.")
     parser.add_argument("--json", default=None, help="Write the full report to this file.")
     parser.add_argument("--no-mlflow", action="store_true", help="Do not log to MLflow.")
     parser.add_argument("--threads", type=int, default=0,
@@ -157,8 +202,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sweep-batch", default=None,
                         help="Comma-separated decode batch sizes, e.g. 1,2,4,8,16: report plain "
                              "and tree throughput per batch size for each --sweep-top-k.")
-    parser.add_argument("--sweep-top-k", default="1,2,4,8",
-                        help="tree_top_k values (tree widths) for --sweep-batch.")
+    parser.add_argument("--sweep-top-k", default=f"1,2,4,8,{AUTO}",
+                        help="tree_top_k values (tree widths, fixed shape) for --sweep-batch; "
+                             f"'{AUTO}' adds hybrid sized by the planner (--tree auto).")
     parser.add_argument("--forward-cost", default=None,
                         help="Comma-separated token counts, e.g. 1,2,4,8,16: time one target "
                              "forward (and one draft forward, with --draft) of k new tokens on "
@@ -177,6 +223,19 @@ def int_list(flag: str, text: str) -> list[int]:
     if not values or min(values) < 1:
         raise ConfigError(f"{flag}={text!r}: expected integers >= 1")
     return values
+
+
+def widths(text: str) -> list[int | str]:
+    """--sweep-top-k: integers >= 1 and 'auto'."""
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v != AUTO and not (v.isdigit() and int(v) >= 1)]
+    if not values or bad:
+        raise ConfigError(f"--sweep-top-k={text!r}: expected comma-separated integers >= 1 "
+                          f"and '{AUTO}'")
+    return [v if v == AUTO else int(v) for v in values]
+
+
+SHAREGPT_VAL = "sharegpt-val"  # the default prompts: held-out ShareGPT first turns
 
 
 def load_bench_prompts(path: str | None, num_prompts: int) -> list[Any]:
@@ -223,12 +282,17 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     check_methods(methods)
+    drafted = args.sweep_batch or any(m in DRAFTED for m in methods)
+    if args.draft is None and drafted and not args.forward_cost:
+        args.draft = DEFAULT
+        say(f"--draft: none given; using the draft shipped for {spec.target} ({DEFAULT})")
     if args.forward_cost:
         return run_forward_cost(spec, args)
     prompts = load_bench_prompts(args.prompts, args.num_prompts)
     if args.sweep_batch:
         report = run_batch_sweep(spec, cfg, prompts, int_list("--sweep-batch", args.sweep_batch),
-                                 int_list("--sweep-top-k", args.sweep_top_k), args.draft)
+                                 widths(args.sweep_top_k), args.draft)
+        report["prompts"] = args.prompts or SHAREGPT_VAL
         if not args.no_mlflow:
             log_sweep_to_mlflow(report, spec)
         say(format_sweep(report))
@@ -237,6 +301,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     report = run_bench(spec, cfg, methods, prompts, args.draft,
                        log=lambda line: say(line, flush=True))
+    report["prompts"] = args.prompts or SHAREGPT_VAL
     if not args.no_mlflow:
         log_to_mlflow(report, spec)
     say(format_table(report))

@@ -15,12 +15,12 @@ from typing import Any
 
 from scylla.commands.cli import add_dataclass_args, dataclass_from_args
 from scylla.config import DecodeConfig, TargetSpec
-from scylla.decoding.methods import SPECULATIVE, speculative
+from scylla.decoding.methods import DRAFTED, SPECULATIVE, speculative
 from scylla.decoding.plain import run_plain
 from scylla.decoding.result import DecodeResult
-from scylla.drafts.io import from_pretrained
+from scylla.drafts.io import DEFAULT, SHIPPED, from_pretrained
 from scylla.errors import DataError
-from scylla.modeling.targets import load_target
+from scylla.modeling.targets import TargetInfo, load_target
 
 ROLES = ("system", "user", "assistant")
 
@@ -29,8 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataclass_args(parser, TargetSpec)
     add_dataclass_args(parser, DecodeConfig, skip=("method", "decode_batch_size"))
     parser.add_argument("--method", choices=("plain",) + SPECULATIVE, default=None,
-                        help="Decoding method (default: tree with --draft, else pld).")
-    parser.add_argument("--draft", help="Draft checkpoint directory (written by scylla train).")
+                        help="Decoding method (default: hybrid with a draft, else pld).")
+    parser.add_argument("--draft", help="Draft checkpoint directory (written by scylla train), "
+                        f"or '{DEFAULT}'; default: the draft shipped for the target, if any.")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="One user message.")
     source.add_argument("--chat", help="JSON file with a list of {role, content} messages; the "
@@ -108,8 +109,12 @@ def reply(target: Any, ids: list[int], cfg: DecodeConfig, draft: Any) -> str:
 
 def run(args: argparse.Namespace) -> int:
     target = load_target(dataclass_from_args(TargetSpec, args))
-    draft = from_pretrained(args.draft, target) if args.draft else None
-    method = args.method or ("tree" if draft is not None else "pld")
+    draft_path = args.draft
+    if draft_path is None and args.method in (None, *DRAFTED) \
+            and (SHIPPED / TargetInfo.of(target).name).is_dir():
+        draft_path = DEFAULT  # the draft shipped for this target
+    draft = from_pretrained(draft_path, target) if draft_path else None
+    method = args.method or ("hybrid" if draft is not None else "pld")
     cfg = dataclass_from_args(DecodeConfig, argparse.Namespace(**{**vars(args),
                                                                   "method": method}))
     system = [{"role": "system", "content": args.system}] if args.system else []

@@ -8,7 +8,11 @@ import mlflow
 
 from scylla.commands.cli import add_dataclass_args, dataclass_from_args, say
 from scylla.config import TargetSpec, as_params
-from scylla.data.hidden_states import SPLIT_DIRS, HiddenStatesConfig, build_hidden_states
+from scylla.data.hidden_states import (
+    SPLIT_DIRS,
+    HiddenStatesConfig,
+    build_hidden_states,
+)
 from scylla.modeling.targets import load_target
 from scylla.pipeline.tracking import stage_run
 

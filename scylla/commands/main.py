@@ -1,7 +1,8 @@
 """``scylla main``: the default end-to-end job that the README's first command runs.
 
 1. The baseline benchmark on the offline target: transformers' ``generate`` (``hf``) against
-   our ``plain`` decoding, decode batch sizes 1 and 8, held-out ShareGPT prompts.
+   our ``plain`` decoding and, with the draft shipped for the target, ``hybrid`` decoding
+   (sized by the planner), decode batch sizes 1 and 8, held-out ShareGPT prompts.
 2. The reproduction: every sweep in ``pipelines/sweeps`` at the profile named by
    ``SCYLLA_PROFILE`` (``quick`` by default, ``paper`` for the hours-long runs), stage by
    stage with run reuse, then the notebooks rendered into ``<out>/report/index.html``.
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from scylla import paths
 from scylla.commands.bench import (
+    SHAREGPT_VAL,
     format_table,
     load_bench,
     load_bench_prompts,
@@ -25,6 +27,7 @@ from scylla.commands.bench import (
 )
 from scylla.commands.cli import add_profile_argument
 from scylla.config import DecodeConfig, TargetSpec
+from scylla.drafts.io import DEFAULT, SHIPPED
 from scylla.pipeline.sweep import reproduce
 
 
@@ -52,11 +55,16 @@ def run(args: argparse.Namespace) -> int:
 def job(args: argparse.Namespace, out: Path) -> int:
     spec = TargetSpec()
     prompts = load_bench_prompts(None, args.num_prompts)
-    bench = load_bench(spec, None)  # one load of both models for both batch sizes
+    # the shipped draft, when there is one for the target, decodes beside them (hybrid, sized
+    # by the planner for this machine and batch size)
+    draft = DEFAULT if (SHIPPED / spec.target).is_dir() else None
+    methods = ["hf", "plain"] + (["hybrid"] if draft else [])
+    bench = load_bench(spec, draft)  # one load of the models for both batch sizes
     for batch in (1, 8):
         cfg = DecodeConfig(max_new_tokens=args.max_new_tokens, decode_batch_size=batch)
-        report = run_bench(spec, cfg, ["hf", "plain"], prompts, bench=bench,
+        report = run_bench(spec, cfg, methods, prompts, draft, bench=bench,
                            log=lambda line: print(f"baseline, batch {batch}: {line}", flush=True))
+        report["prompts"] = SHAREGPT_VAL
         log_to_mlflow(report, spec)
         print(format_table(report), end="\n\n")
     if not args.skip_sweeps:

@@ -29,7 +29,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from scylla import paths
-from scylla.data.chat_tokens import assistant_spans, template_fingerprint, tokenize_rendered
+from scylla.data.chat_tokens import (
+    assistant_spans,
+    template_fingerprint,
+    tokenize_rendered,
+)
 from scylla.data.conversations import Conversation
 from scylla.data.sharegpt import load_sharegpt
 from scylla.data.split import VAL_FRACTION, split_conversations

@@ -46,6 +46,7 @@ class MethodReport:
     metrics: dict[str, float] = field(default_factory=dict)  # decode_metrics: what MLflow logs
     # names the output tokens, so runs on other commits or machines can be compared exactly
     tokens_sha256: str = ""
+    plan: dict[str, Any] = field(default_factory=dict)  # the planner's choice (--tree auto)
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
@@ -168,7 +169,8 @@ def measure(bench: Bench, cfg: DecodeConfig, methods: list[str], ids: list[list[
             exact_match=exact, mismatches=mism, speedup=speedup,
             per_category=per_category(r, categories), seconds_split=dict(r.seconds),
             metrics=decode_metrics(r, categories, speedup, exact),
-            tokens_sha256=hashlib.sha256(json.dumps(r.tokens).encode()).hexdigest()))
+            tokens_sha256=hashlib.sha256(json.dumps(r.tokens).encode()).hexdigest(),
+            plan=dict(r.plan)))
     return reports
 
 
@@ -181,19 +183,27 @@ def check_methods(methods: list[str]) -> None:
             raise ConfigError(f"--methods: unknown method {m!r}; available: {', '.join(known)}")
 
 
+AUTO = "auto"  # a batch-sweep cell run by the planner
+
+
 def batch_sweep(bench: Bench, cfg: DecodeConfig, ids: list[list[int]], categories: list[str],
-                batch_sizes: list[int], top_ks: list[int],
+                batch_sizes: list[int], top_ks: list[int | str],
                 log: Callable[[dict[str, Any]], None] = lambda row: None
                 ) -> list[dict[str, Any]]:
-    """One row per (batch size, width); ``log`` sees each row as it is measured."""
+    """One row per (batch size, width); ``log`` sees each row as it is measured. An int width
+    is ``tree`` with that ``tree_top_k`` and the fixed shape of ``cfg``; ``AUTO`` is ``hybrid``
+    sized by the planner (``--tree auto``), which may choose lookup alone or plain decoding."""
     rows = []
     for b in batch_sizes:
         base = replace(cfg, decode_batch_size=b)
         plain = bench.timed("plain", ids, base)  # the baseline and the reference of every width
         for k in top_ks:
-            tree_cfg = replace(base, tree_top_k=k)
-            tree = measure(bench, tree_cfg, ["tree"], ids, categories, plain=plain)[0]
-            rows.append({"decode_batch_size": b, "tree_top_k": k,
+            method = "hybrid" if k == AUTO else "tree"
+            tree_cfg = (replace(base, tree="auto") if k == AUTO
+                        else replace(base, tree="fixed", tree_top_k=k))
+            tree = measure(bench, tree_cfg, [method], ids, categories, plain=plain)[0]
+            rows.append({"decode_batch_size": b, "tree_top_k": k, "method": method,
+                         "plan": tree.plan,
                          "tree_total_tokens": cfg.tree_total_tokens,
                          "plain_tokens_per_s": plain.tokens_per_s,
                          "tree_tokens_per_s": tree.tokens_per_s, "tau": tree.tau,

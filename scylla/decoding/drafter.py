@@ -31,14 +31,19 @@ class DraftProposer:
 
     def __init__(self, draft: Any, shape: TreeShape, temperature: float, top_p: float,
                  vocab: int):
-        self.draft, self.shape = draft, shape
+        self.draft = draft
         self.temperature, self.top_p, self.vocab = temperature, top_p, vocab
         self.hidden_layers = tuple(draft.feature_layers)
+        self.prefill_forwards = 1
+        self.set_shape(shape)
+
+    def set_shape(self, shape: TreeShape) -> None:
+        """The tree of the next steps (the planner may change it during a decode)."""
+        self.shape = shape
         # cache room one step needs beyond the context: the verified tree, the expansion's
         # window plus its last feed, or the catch-up (depth + 1 tokens)
         self.room = max(shape.total + 1, shape.fed_tokens, shape.depth + 1)
         self.forwards_per_step = 1 + len(shape.frontier)  # catch-up + expansion feeds
-        self.prefill_forwards = 1
 
     def start(self, pre: Prefill) -> "DraftState":
         """The draft's prefill: position t gets prompt token t+1 (the first new token at the

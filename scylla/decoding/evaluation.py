@@ -49,6 +49,7 @@ class DecodeEvaluation(L.LightningModule):
         self.draft = draft
         self.results: dict[int, tuple[list[int], Any]] = {}
         self.seconds: dict[str, float] = {}
+        self.plan: dict[str, Any] = {}  # the planner's choice in the last step's decode
 
     def decode(self, idx: list[int]) -> DecodeResult:
         res = METHODS[self.cfg.method](self.target, [self.prompts[i] for i in idx], self.cfg,
@@ -57,6 +58,7 @@ class DecodeEvaluation(L.LightningModule):
             self.results[i] = (toks, stats)
         for k, v in res.seconds.items():
             self.seconds[k] = self.seconds.get(k, 0.0) + v
+        self.plan = res.plan or self.plan
         return res
 
     def test_step(self, batch: list[int], batch_idx: int) -> None:
@@ -68,7 +70,8 @@ class DecodeEvaluation(L.LightningModule):
     def result(self) -> DecodeResult:
         order = sorted(self.results)
         return DecodeResult([self.results[i][0] for i in order],
-                            [self.results[i][1] for i in order], dict(self.seconds))
+                            [self.results[i][1] for i in order], dict(self.seconds),
+                            dict(self.plan))
 
 
 def evaluate(target: Any, prompts: list[list[int]], cfg: DecodeConfig,

@@ -202,7 +202,8 @@ def expand(draft, cache, root: DraftRoot, root_tokens: torch.Tensor, lengths: to
         depth=torch.cat([torch.zeros_like(root_tokens[:, None]), flat_level.gather(1, sel)], 1),
         valid=torch.cat([torch.ones_like(root_tokens[:, None], dtype=torch.bool),
                          flat_scores.gather(1, sel) > float("-inf")], 1),
-        max_depth=shape.depth)
+        max_depth=shape.depth,
+        scores=torch.cat([torch.zeros_like(flat_scores[:, :1]), flat_scores.gather(1, sel)], 1))
     cands = None
     if sampled:
         cands = _candidates(shape, sel, inv, fed, flat_tokens, flat_scores, torch.cat(dists, 1))

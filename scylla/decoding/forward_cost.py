@@ -19,12 +19,13 @@ from typing import Any, Callable
 
 import torch
 
+from scylla.decoding.roofline import floors_ms, measure_roofline
 from scylla.decoding.timing import synchronize
 
 WARMUPS = 2  # first calls allocate buffers and pick kernels
 
 
-def _interleaved_median_ms(runs: dict[Any, Callable[[], None]], device: torch.device,
+def interleaved_median_ms(runs: dict[Any, Callable[[], None]], device: torch.device,
                            repeats: int) -> dict[Any, float]:
     """Median ms of each run, timed round-robin (a, b, c, a, b, c, ...) after warm-ups, so a
     burst of load on a shared machine hits every run alike instead of one k's block."""
@@ -44,47 +45,48 @@ def _interleaved_median_ms(runs: dict[Any, Callable[[], None]], device: torch.de
 
 @torch.inference_mode()
 def forward_cost(model: Any, ks: list[int], context: int = 256, draft: Any = None,
-                 repeats: int = 5, seed: int = 0, roofline: bool = True) -> list[dict[str, float]]:
-    """Milliseconds per forward of k tokens for the target (and the draft, with its LM head),
-    per k in ``ks``, at decode batch size 1 on a cache of ``context`` random tokens.
+                 repeats: int = 5, seed: int = 0, roofline: bool = True, batch: int = 1
+                 ) -> list[dict[str, float]]:
+    """Milliseconds per forward of k tokens per row for the target (and the draft, with its LM
+    head), per k in ``ks``, at decode batch size ``batch`` on caches of ``context`` random
+    tokens.
 
     With ``roofline``, each row also holds the forward's bytes and FLOPs and their floors at
     this machine's measured bandwidth and GEMM peak (``scylla.decoding.roofline``)."""
     device = model.device
     gen = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
-    ids = torch.randint(vocab, (1, context + max(ks)), generator=gen).to(device)
+    ids = torch.randint(vocab, (batch, context + max(ks)), generator=gen).to(device)
     layers = tuple(draft.feature_layers) if draft is not None else ()
-    cache = model.new_cache(1, context + max(ks))
+    cache = model.new_cache(batch, context + max(ks))
     out = model(ids[:, :context], cache=cache, hidden_layers=layers, compute_logits=False)
     start = cache.lengths.clone()
     runs: dict[tuple[str, int], Callable[[], None]] = {}
     if draft is not None:
         feats = draft.features(out)  # (1, context, F)
-        dcache = draft.new_cache(1, context + max(ks))
+        dcache = draft.new_cache(batch, context + max(ks))
         draft(ids[:, 1:context + 1], feats, cache=dcache, compute_logits=False)
     for k in ks:
         new = ids[:, context:context + k]
-        causal = torch.ones(k, k, dtype=torch.bool, device=device).tril()
+        causal = torch.ones(k, k, dtype=torch.bool, device=device).tril().expand(batch, k, k)
         pos = start[:, None] + torch.arange(k, device=device)
-        runs["target_ms", k] = _step(model, cache, start, new, pos, causal, hidden_layers=layers)
+        runs["target_ms", k] = timed_forward(model, cache, start, new, pos, causal,
+                                             hidden_layers=layers)
         if draft is not None:
-            runs["draft_ms", k] = _step(draft, dcache, start, new, pos, causal,
-                                        features=feats[:, -1:].expand(-1, k, -1))
-    ms = _interleaved_median_ms(runs, device, repeats)
+            runs["draft_ms", k] = timed_forward(draft, dcache, start, new, pos, causal,
+                                                features=feats[:, -1:].expand(-1, k, -1))
+    ms = interleaved_median_ms(runs, device, repeats)
     rows = [{"k": k, **{name: t for (name, kk), t in ms.items() if kk == k}} for k in ks]
-    if roofline and device.type == "cpu":
-        from scylla.decoding.roofline import floors_ms, measure_roofline
-
+    if roofline and device.type == "cpu" and batch == 1:
         roof = measure_roofline()
         for r in rows:
             r.update(floors_ms(model, r["k"], context, roof), **roof.as_dict())
     return rows
 
 
-def _step(model: Any, cache: Any, start: torch.Tensor, new: torch.Tensor, pos: torch.Tensor,
-          causal: torch.Tensor, features: torch.Tensor | None = None,
-          hidden_layers: tuple[int, ...] = ()) -> Callable[[], None]:
+def timed_forward(model: Any, cache: Any, start: torch.Tensor, new: torch.Tensor,
+                  pos: torch.Tensor, causal: torch.Tensor, features: torch.Tensor | None = None,
+                  hidden_layers: tuple[int, ...] = ()) -> Callable[[], None]:
     """One verification-style forward of ``new`` on ``cache``, cut back to ``start`` after."""
     def run() -> None:
         if features is None:

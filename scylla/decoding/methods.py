@@ -15,19 +15,22 @@ from scylla.config import DecodeConfig
 from scylla.decoding.drafter import DraftProposer
 from scylla.decoding.engine import Decoder, Proposer
 from scylla.decoding.expand import TreeShape, chain_shape, dynamic_shape, static_shape
+from scylla.decoding.hybrid import HybridProposer
 from scylla.decoding.plain import run_plain
+from scylla.decoding.planner import AutoPlanner
 from scylla.decoding.pld import PldProposer
 from scylla.decoding.result import DecodeResult
 from scylla.decoding.tree import parse_static_tree
 from scylla.errors import ConfigError
 
-SPECULATIVE = ("chain", "tree", "static-tree", "pld")
+SPECULATIVE = ("chain", "tree", "static-tree", "pld", "hybrid")
+DRAFTED = ("chain", "tree", "static-tree", "hybrid")  # the methods that need a draft model
 
 
 def tree_shape(cfg: DecodeConfig) -> TreeShape:
     if cfg.method == "chain":
         return chain_shape(cfg.draft_len)
-    if cfg.method == "tree":
+    if cfg.method in ("tree", "hybrid"):
         return dynamic_shape(cfg.tree_top_k, cfg.tree_depth, cfg.tree_total_tokens)
     return static_shape(parse_static_tree(cfg.static_tree))
 
@@ -43,7 +46,15 @@ def proposer_for(target: Any, cfg: DecodeConfig, draft: Any) -> Proposer:
     if max(shape.children) > draft_vocab:
         raise ConfigError(f"{cfg.method}: {max(shape.children)} children per node exceed the "
                           f"draft vocabulary of {draft_vocab} tokens (lower tree_top_k)")
-    return DraftProposer(draft, shape, cfg.temperature, cfg.sample_top_p, vocab)
+    drafter = DraftProposer(draft, shape, cfg.temperature, cfg.sample_top_p, vocab)
+    if cfg.method not in ("tree", "hybrid"):
+        return drafter
+    lookup = cfg.method == "hybrid"
+    if cfg.tree == "fixed":
+        return HybridProposer(drafter, cfg.pld_ngram, cfg.draft_len) if lookup else drafter
+    planner = AutoPlanner(target.model, draft, cfg.tree_top_k, lookup, cfg.decode_batch_size,
+                          cfg.temperature)
+    return HybridProposer(drafter, cfg.pld_ngram, 0, planner)
 
 
 def speculative(target: Any, prompts: list[list[int]], cfg: DecodeConfig, draft: Any = None,
@@ -53,9 +64,12 @@ def speculative(target: Any, prompts: list[list[int]], cfg: DecodeConfig, draft:
     if not prompts:
         return DecodeResult([], [], {"draft": 0.0, "verify": 0.0, "other": 0.0, "total": 0.0})
     with torch.inference_mode():
-        return Decoder(target.model, prompts, proposer, cfg.max_new_tokens,
-                       cfg.decode_batch_size, cfg.temperature, cfg.sample_top_p, cfg.seed,
-                       on_emit).run()
+        result = Decoder(target.model, prompts, proposer, cfg.max_new_tokens,
+                         cfg.decode_batch_size, cfg.temperature, cfg.sample_top_p, cfg.seed,
+                         on_emit).run()
+    if isinstance(proposer, HybridProposer) and proposer.plan is not None:
+        result.plan = proposer.plan.as_dict()
+    return result
 
 
 def _method(name: str) -> Callable[..., DecodeResult]:

@@ -6,6 +6,7 @@
   position i (0 = the first draft token after the root).
 - ``decode/tokens_per_s``: new tokens / wall seconds (per category: over the rows' shares).
 - the accepted-length histogram: how many target forwards emitted n tokens.
+- ``decode/plan_*``: with ``--tree auto``, the planner's choice and its predicted τ and speed-up.
 """
 from __future__ import annotations
 
@@ -62,6 +63,10 @@ def by_category(result: DecodeResult, categories: list[str]) -> dict[str, dict[s
     return {cat: summarize(rows) for cat, rows in sorted(groups.items())}
 
 
+# the planner's numbers, logged as ``decode/plan_<name>`` (the prediction beside the measurement)
+PLAN_NUMBERS = ("tree_total_tokens", "tree_depth", "lookup_len", "tau", "speedup",
+                "calibration_steps")
+
 # the per-category metrics, logged as ``<name>/<category>`` (``decode/tau/writing``)
 PER_CATEGORY = ("decode/tau", "decode/alpha", "decode/tokens_per_s")
 
@@ -80,4 +85,7 @@ def decode_metrics(result: DecodeResult, categories: list[str] | None = None,
         out["decode/speedup"] = speedup
     if exact_match is not None:
         out["decode/exact_match"] = float(exact_match)
+    if result.plan:  # the planner's choice and its prediction
+        out.update({f"decode/plan_{k}": float(result.plan[k]) for k in PLAN_NUMBERS})
+        out["decode/plan_speculates"] = float(result.plan["mode"] != "plain")
     return {k: v for k, v in out.items() if v == v}

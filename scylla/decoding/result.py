@@ -5,6 +5,7 @@ Raw counts only; τ, α and speeds are derived from sums (never averages of per-
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -42,6 +43,8 @@ class DecodeResult:
     stats: list[RowStats]
     # wall-clock seconds: "draft", "verify", "other" and "total" (device-synchronised)
     seconds: dict[str, float] = field(default_factory=dict)
+    # the planner's choice (``--tree auto``, ``scylla.decoding.planner.Plan.as_dict``)
+    plan: dict[str, Any] = field(default_factory=dict)
 
     @property
     def new_tokens(self) -> int:

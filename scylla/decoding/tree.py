@@ -22,6 +22,9 @@ class Tree:
     depth: torch.Tensor  # (B, N) 0 at the root
     valid: torch.Tensor  # (B, N) bool
     max_depth: int  # deepest node (host-side, so building masks needs no device sync)
+    # (B, N) the draft's cumulative log-probability of each node's path (root 0), when a draft
+    # model grew the tree (the planner ranks nodes by it)
+    scores: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -73,10 +76,19 @@ class Candidates:
     node: torch.Tensor  # (B, N, C) tree index of the candidate, -1 when pruned from the tree
     ok: torch.Tensor  # (B, N, C) bool: a real draw (False: padding or a zero-mass draw)
     # (B, E, V) draft distributions the candidates were drawn from (target vocabulary), and
-    # dist_of (B, N) the row of ``probs`` for each node (-1: no candidates). probs=None means
-    # deterministic proposals (prompt lookup): each candidate was proposed with probability 1.
+    # dist_of (B, N) the row of ``probs`` for each node (-1: no candidates); None when every
+    # candidate is fixed.
     probs: torch.Tensor | None
     dist_of: torch.Tensor
+    # (B, N, C) bool: a deterministic proposal (prompt lookup), proposed with probability 1;
+    # fixed candidates come before a node's drawn ones. None: all drawn (all fixed if probs is
+    # None).
+    fixed: torch.Tensor | None = None
+
+    def fixed_mask(self) -> torch.Tensor:
+        if self.fixed is not None:
+            return self.fixed
+        return torch.full_like(self.ok, self.probs is None)
 
 
 def parse_static_tree(text: str) -> list[tuple[int, ...]]:

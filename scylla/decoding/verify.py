@@ -12,6 +12,8 @@ one token from the target, so a step always emits at least one token).
   from p (renormalised) before the next sibling. When all are rejected the step ends with a draw
   from the residual q. By induction over the siblings each node emits exactly a sample of the
   target's q, so the output distribution is the target's (see tests/test_sampling_lossless.py).
+  A fixed candidate (prompt lookup) is a draw from the one-hot distribution on its token: it is
+  accepted with probability q(y), and on rejection q loses y; the draft's p is left as it was.
 """
 from __future__ import annotations
 
@@ -49,13 +51,18 @@ def _path_order(on_path: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]
     return keep_idx, count, width
 
 
+def greedy_accepted(tree: Tree, pred: torch.Tensor, ancestors: torch.Tensor) -> torch.Tensor:
+    """(B, N) bool: every node from the root down to this one is its parent's argmax ``pred``
+    (B, N) (the root counts as accepted)."""
+    match = (tree.tokens == pred.gather(1, tree.parents.clamp(min=0))) & tree.valid
+    match[:, 0] = True
+    return ~(ancestors & ~match[:, None, :]).any(-1)
+
+
 def verify_greedy(tree: Tree, logits: torch.Tensor, ancestors: torch.Tensor) -> Verdict:
     """logits (B, N, V) of the target at every node; ancestors (B, N, N) = tree.ancestors()."""
     pred = logits.argmax(-1)  # (B, N) the target's token after each node
-    match = (tree.tokens == pred.gather(1, tree.parents.clamp(min=0))) & tree.valid
-    match[:, 0] = True
-    # accepted: every node from the root down to it matches
-    accepted = ~(ancestors & ~match[:, None, :]).any(-1)  # (B, N)
+    accepted = greedy_accepted(tree, pred, ancestors)
     best = torch.where(accepted, tree.depth, -1).argmax(-1)  # (B,) deepest accepted node
     on_path = ancestors[torch.arange(tree.tokens.shape[0], device=best.device), best]
     keep_idx, count, width = _path_order(on_path)
@@ -81,6 +88,7 @@ def verify_sampled(tree: Tree, q: torch.Tensor, cands: Candidates,
         if cands.probs is not None:
             p = cands.probs[rows, cands.dist_of[rows, cur].clamp(min=0)]
         ok = cands.ok[rows, cur] & alive[:, None]  # (B, C)
+        fixed = cands.fixed_mask()[rows, cur]  # (B, C)
         nxt = torch.full_like(cur, -1)  # accepted candidate inside the tree
         last = torch.full_like(cur, -1)  # the step's final token (pruned candidate or residual)
         pending = ok[:, 0].clone()
@@ -90,23 +98,26 @@ def verify_sampled(tree: Tree, q: torch.Tensor, cands: Candidates,
             if not bool(test.any()):
                 break
             y = cands.tokens[rows, cur, r]  # (B,)
+            fy = fixed[:, r]
             qy = qc.gather(1, y[:, None]).squeeze(1)
             py = torch.ones_like(qy) if p is None else p.gather(1, y[:, None]).squeeze(1)
+            py = torch.where(fy, torch.ones_like(qy), py)  # a fixed proposal has p = one-hot
             u = torch.rand(batch, device=q.device, generator=generator)
             acc = test & (u * py < qy)  # probability min(1, q(y) / p(y))
             node = cands.node[rows, cur, r]
             nxt = torch.where(acc & (node >= 0), node, nxt)
             last = torch.where(acc & (node < 0), y, last)
             rej = test & ~acc
-            pv = torch.nn.functional.one_hot(y, vocab).to(qc.dtype) if p is None else p
+            one_hot = torch.nn.functional.one_hot(y, vocab).to(qc.dtype)
+            pv = one_hot if p is None else torch.where(fy[:, None], one_hot, p)
             res = (qc - pv).clamp_min(0)
             mass = res.sum(-1, keepdim=True)
             # mass 0 means q == p, where rejection has probability 0: keep q (float noise)
             qc = torch.where(rej[:, None] & (mass > 0), res / mass.clamp_min(1e-30), qc)
-            if p is not None:
+            if p is not None:  # a drawn candidate leaves the draft's distribution
                 p_rest = p.scatter(1, y[:, None], 0.0)
                 p_rest = p_rest / p_rest.sum(-1, keepdim=True).clamp_min(1e-30)
-                p = torch.where(rej[:, None], p_rest, p)
+                p = torch.where((rej & ~fy)[:, None], p_rest, p)
             pending &= ~acc
         accepted.append(alive & ((nxt >= 0) | (last >= 0)))
         residual = alive & (nxt < 0) & (last < 0)

@@ -120,7 +120,7 @@ def _method_numbers(method: str, tau_draft: float, batch: int, top_k: int, total
     elif method == "pld":
         tau, cost = 1.3, 1.02
     else:
-        width = total if method == "tree" else top_k
+        width = total if method in ("tree", "hybrid") else top_k
         tau = 1 + (tau_draft - 1) * max(0.5, 1 + 0.35 * math.log(width / 4))
         cost = 1.02 + width * batch / 60
     return tau, plain_tps * tau / cost * (1 + rng.normal(0, 0.01))
@@ -129,7 +129,7 @@ def _method_numbers(method: str, tau_draft: float, batch: int, top_k: int, total
 def decode(args: dict[str, Any]) -> None:
     draft = Path(args.get("draft") or "")
     methods = [m for m in args["methods"].split(",") if m]
-    needs_draft = any(m in ("chain", "tree", "static-tree") for m in methods)
+    needs_draft = any(m in ("chain", "tree", "static-tree", "hybrid") for m in methods)
     if needs_draft and not (draft / "draft.json").is_file():
         raise DataError(f"simulated decode: no draft.json in draft dir {draft}")
     tau_draft = json.loads((draft / "draft.json").read_text())["tau_chain"] if needs_draft \

@@ -1,0 +1,50 @@
+"""The hybrid tree: a prompt-lookup chain grafted onto the draft's tree."""
+from __future__ import annotations
+
+import torch
+
+from scylla.decoding.hybrid import graft
+from scylla.decoding.tree import Candidates, Tree
+
+
+def draft_tree() -> tuple[Tree, Candidates]:
+    """Root 7 with children 1 (node 1) and 2 (node 2); node 1 has child 3 (node 3)."""
+    tree = Tree(tokens=torch.tensor([[7, 1, 2, 3]]), parents=torch.tensor([[-1, 0, 0, 1]]),
+                depth=torch.tensor([[0, 1, 1, 2]]), valid=torch.ones(1, 4, dtype=torch.bool),
+                max_depth=2)
+    cands = Candidates(tokens=torch.tensor([[[1, 2], [3, 4], [0, 0], [0, 0]]]),
+                       node=torch.tensor([[[1, 2], [3, -1], [-1, -1], [-1, -1]]]),
+                       ok=torch.tensor([[[True, True], [True, True], [False, False],
+                                         [False, False]]]),
+                       probs=torch.rand(1, 2, 10), dist_of=torch.tensor([[0, 1, -1, -1]]))
+    return tree, cands
+
+
+def test_a_chain_walks_shared_nodes_then_hangs_new_ones():
+    tree, cands = draft_tree()
+    grown, c, nodes = graft(tree, cands, [[1, 3, 5, 6]])
+    assert nodes == [[1, 3, 4, 5]]
+    # 1 and 3 are the draft's nodes 1 and 3; 5 and 6 are new nodes 4 and 5
+    assert grown.tokens.tolist() == [[7, 1, 2, 3, 5, 6]]
+    assert grown.parents.tolist() == [[-1, 0, 0, 1, 3, 4]]
+    assert grown.depth.tolist() == [[0, 1, 1, 2, 3, 4]]
+    assert grown.max_depth == 4 and bool(grown.valid.all())
+    # each node on the chain tests its lookup child first, as a fixed candidate
+    assert c.tokens[0, 0].tolist() == [1, 1, 2] and c.node[0, 0].tolist() == [1, 1, 2]
+    assert c.fixed[0, :, 0].tolist() == [True, True, False, True, True, False]
+    assert c.node[0, 3].tolist() == [4, -1, -1] and c.node[0, 4].tolist() == [5, -1, -1]
+    assert c.ok[0, 5].tolist() == [False] * 3  # the chain's end proposes nothing
+    assert c.dist_of[0].tolist() == [0, 1, -1, -1, -1, -1]
+    assert not bool(c.fixed[0, 2].any()) and c.tokens[0, 2, :2].tolist() == [0, 0]
+
+
+def test_rows_are_padded_off_the_root():
+    tree, cands = draft_tree()
+    two = Tree(tokens=tree.tokens.repeat(2, 1), parents=tree.parents.repeat(2, 1),
+               depth=tree.depth.repeat(2, 1), valid=tree.valid.repeat(2, 1), max_depth=2)
+    grown, c, nodes = graft(two, None, [[9, 8], []])
+    assert nodes == [[4, 5], []]
+    assert grown.tokens.shape == (2, 6) and c is None
+    assert grown.valid.tolist()[1] == [True] * 4 + [False] * 2
+    assert grown.parents.tolist()[1][4:] == [0, 0]
+    assert grown.parents.tolist()[0][4:] == [0, 4]
