@@ -9,6 +9,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.collections import PathCollection
 
 from scylla import analysis as sa
 from scylla.errors import DataError
@@ -171,6 +172,40 @@ def test_latest_attempt_per_point_wins(mlflow_store):
 
 # -- tables, figures, verdicts -----------------------------------------------------------------
 
+def bars(ax):
+    """{legend label: bar heights in x-tick order} of a seaborn hue barplot."""
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert len(labels) == len(ax.containers)
+    return {label: [p.get_height() for p in c] for label, c in zip(labels, ax.containers)}
+
+
+def ticks(ax):
+    return [t.get_text() for t in ax.get_xticklabels()]
+
+
+def check_law_panel(ax, runs, fit, hue=None):
+    """``law_panel``'s artists: a dot per run (per ``hue`` value), the law's points, and the
+    fitted line, whose slope and intercept in ln(x) are the fit's; axes named by x and y."""
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_xscale()) == (fit.x, fit.y, "log")
+    groups = runs.groupby(hue) if hue else [(None, runs)]
+    dots = [c for c in ax.collections if isinstance(c, PathCollection)
+            and not c.get_label().startswith("largest")]
+    assert len(dots) == len(groups)
+    for c, (value, part) in zip(dots, groups):
+        assert not hue or c.get_label() == f"{hue} {value}"
+        assert c.get_offsets().tolist() == part[[fit.x, fit.y]].to_numpy().tolist()
+    assert sum(len(c.get_offsets()) for c in dots) == len(runs)
+    (means,) = ax.containers
+    assert means.lines[0].get_xydata().tolist() == fit.points[[fit.x, fit.y]].to_numpy().tolist()
+    (line,) = [ln for ln in ax.lines if not ln.get_label().startswith("_")]
+    lx, ly = line.get_xdata(), line.get_ydata()
+    xs = fit.points[fit.x]
+    assert (lx.min(), lx.max()) == pytest.approx((xs.min(), xs.max()))
+    slope, intercept = np.polyfit(np.log(lx), ly, 1)
+    assert slope == pytest.approx(fit.slope) and intercept == pytest.approx(fit.intercept)
+    assert f"R²={fit.r2:.3f}" in line.get_label()
+
+
 def decode_frame():
     rows = []
     for variant, gain in (("eagle2-style", 0.0), ("eagle3", 0.6), ("scylla", 0.8)):
@@ -189,7 +224,11 @@ def test_category_table_groups_mt_bench_and_figure_2_verdict_is_computed():
     assert table.loc["mt_bench", "scylla"] == pytest.approx(2.9)  # mean of writing, coding
     text = sa.verdict_figure_2(runs)
     assert "+0.80" in text and "+0.20" in text and "Largest gain on summarization" in text
-    assert sa.plot_figure_2(runs) is not None
+    ax = sa.plot_figure_2(runs).axes[0]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("category", "decode/tau")
+    assert bars(ax) == {v: [table.loc[c, v] for c in ticks(ax)] for v in table.columns}
+    assert sorted(ticks(ax)) == sorted(table.index)
+    assert bars(ax)["scylla"][ticks(ax).index("summarization")] == pytest.approx(4.1)
 
 
 def test_table_5_ratios_and_verdict_follow_the_numbers():
@@ -199,7 +238,14 @@ def test_table_5_ratios_and_verdict_follow_the_numbers():
     fast = decode_frame()
     fast.loc[fast["variant"] == "scylla", "decode/tokens_per_s"] *= 2
     assert "reach the paper's ~2×" in sa.verdict_table_5(sa.table_5(fast))
-    assert sa.plot_table_5(decode_frame()) is not None
+    runs = decode_frame()
+    ax = sa.plot_table_5(runs).axes[0]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("decode_batch_size", "decode/tokens_per_s")
+    assert ticks(ax) == ["1", "4"]
+    # one bar per run (a variant at a batch size), as tall as its throughput
+    assert sum(len(h) for h in bars(ax).values()) == len(runs)
+    assert bars(ax) == {v: part.sort_values("decode_batch_size")["decode/tokens_per_s"].tolist()
+                        for v, part in runs.groupby("variant")}
 
 
 def test_law_verdict_changes_with_the_data():
@@ -242,19 +288,32 @@ def test_batch_table_picks_the_fastest_tree_per_batch():
     assert table["tree_total_tokens"].tolist() == [16, 4]
     fit = sa.fit_loglinear(table, "decode_batch_size", "tree_total_tokens")
     assert fit.slope < 0
-    assert sa.plot_theorem_1_3(runs, fit) is not None
+    per_width, best = sa.plot_theorem_1_3(runs, fit).axes
+    assert (per_width.get_xlabel(), per_width.get_ylabel()) == ("decode_batch_size",
+                                                               "decode/tokens_per_s")
+    widths = [t.get_text() for t in per_width.get_legend().get_texts()]
+    assert widths == ["4", "16"]  # a line per width, through its runs
+    for width, line in zip(widths, [ln for ln in per_width.lines if len(ln.get_xdata())]):
+        part = runs[runs["tree_total_tokens"] == int(width)].sort_values("decode_batch_size")
+        assert line.get_xydata().tolist() == part[["decode_batch_size",
+                                                   "decode/tokens_per_s"]].to_numpy().tolist()
+    check_law_panel(best, table, fit)
 
 
-def test_law_figures_are_made(tmp_path):
+def test_law_figures_plot_every_run_and_the_fitted_law(tmp_path):
     df = law_frame()
     fit = sa.fit_loglinear(df, "train_tokens", "val/tau_chain", unit="seed")
-    fig = sa.plot_theorem_1_1(df, fit)
-    fig.savefig(tmp_path / "f.png")
-    assert (tmp_path / "f.png").stat().st_size > 10_000
+    (ax,) = sa.plot_theorem_1_1(df, fit).axes
+    check_law_panel(ax, df, fit, hue="seed")
+    (marker,) = [c for c in ax.collections if c.get_label().startswith("largest")]
+    assert marker.get_offsets().tolist() == [[fit.extrap_x, pytest.approx(fit.extrap_predicted)]]
     layers = df.assign(draft_n_layer=df["train_tokens"] / 1e4, draft_params=df["train_tokens"])
     f1 = sa.fit_loglinear(layers, "draft_n_layer", "val/tau_chain")
     f2 = sa.fit_loglinear(layers, "draft_params", "val/tau_chain")
-    assert len(sa.plot_theorem_1_2(layers, f1, f2).axes) == 2
+    a, b = sa.plot_theorem_1_2(layers, f1, f2).axes
+    check_law_panel(a, layers, f1, hue="seed")
+    check_law_panel(b, layers, f2, hue="seed")
+    assert ticks(a) == ["1", "3", "10", "30", "100"]  # few small x: ticked at the points
     path = sa.save_points(fit, tmp_path / "points", "t11")
     assert pd.read_csv(path)["n"].tolist() == [3] * 5
 

@@ -38,21 +38,67 @@ def tiny_bench():
     return Bench(target, hf_loader=lambda: hf)
 
 
-def test_hf_and_plain_agree_and_report_tau_one(tiny_bench):
+def clocked(bench, seconds, alter=None):
+    """A Bench on ``bench``'s models whose ``timed`` reports ``seconds[method]`` as the call's
+    wall time, and passes each result through ``alter(method, result)`` if given."""
+    fixed = Bench(bench.target, bench.draft, bench.hf)
+
+    def timed(method, ids, cfg):
+        result = Bench.timed(fixed, method, ids, cfg)
+        result.seconds["total"] = seconds[method]
+        return alter(method, result) if alter else result
+
+    fixed.timed = timed
+    return fixed
+
+
+def test_hf_and_plain_agree_and_speedup_is_the_ratio_of_their_tokens_per_s(tiny_bench):
     g = torch.Generator().manual_seed(1)
     ids = [[1] + torch.randint(3, 128, (n,), generator=g).tolist() for n in (5, 9, 3, 7)]
+    bench = clocked(tiny_bench, {"hf": 0.5, "plain": 2.0})
     for batch in (1, 3):
         cfg = DecodeConfig(max_new_tokens=12, decode_batch_size=batch)
         lines = []
-        reports = measure(tiny_bench, cfg, ["hf", "plain"], ids, ["a", "b", "a", "b"],
+        reports = measure(bench, cfg, ["hf", "plain"], ids, ["a", "b", "a", "b"],
                           log=lines.append)
         assert [line.split(":")[0] for line in lines] == ["[1/2] hf", "[2/2] plain"]
         by = {r.method: r for r in reports}
         assert by["hf"].exact_match and by["plain"].exact_match
-        assert by["hf"].new_tokens == by["plain"].new_tokens > 0
-        assert by["plain"].tau == 1.0 and by["hf"].tau == 1.0
+        assert by["hf"].tokens_sha256 == by["plain"].tokens_sha256
+        new = by["plain"].new_tokens
+        assert by["hf"].new_tokens == new > 0
+        assert by["plain"].tokens_per_s == pytest.approx(new / 2.0)
+        assert by["hf"].tokens_per_s == pytest.approx(new / 0.5)
+        assert by["hf"].speedup == pytest.approx(4.0)  # (new / 0.5) / (new / 2.0)
+        assert by["hf"].metrics["decode/speedup"] == pytest.approx(4.0)
         assert set(by["plain"].per_category) == {"a", "b"}
-        assert by["plain"].speedup == pytest.approx(1.0)
+
+
+def test_a_method_whose_tokens_differ_from_plain_is_reported_where_they_differ(tiny_bench):
+    """Negative control: one token of one prompt altered on purpose after decoding."""
+    ids = [[1, 5, 6, 7], [1, 20, 21, 22, 23], [1, 40]]
+    spot = {}
+
+    def alter(method, result):
+        if method == "hf":
+            row = result.tokens[1]
+            spot.update(position=len(row) // 2, reference_token=row[len(row) // 2])
+            row[spot["position"]] = (row[spot["position"]] + 1) % 128
+        return result
+
+    bench = clocked(tiny_bench, {"hf": 1.0, "plain": 1.0}, alter)
+    cfg = DecodeConfig(max_new_tokens=8)
+    by = {r.method: r for r in measure(bench, cfg, ["plain", "hf"], ids, ["a", "b", "a"])}
+    assert by["plain"].exact_match and by["plain"].mismatches == []
+    assert by["hf"].exact_match is False
+    assert by["hf"].metrics["decode/exact_match"] == 0.0
+    (row,) = by["hf"].mismatches
+    assert row["prompt"] == 1 and row["position"] == spot["position"] > 0
+    assert row["reference_token"] == spot["reference_token"]
+    assert row["method_token"] == (spot["reference_token"] + 1) % 128
+    # the gap is the target's at the reference's context: plain greedy took its top-1 token
+    assert row["target_top2"][0] == spot["reference_token"] and row["logit_gap"] >= 0
+    assert by["hf"].tokens_sha256 != by["plain"].tokens_sha256
 
 
 def test_mismatch_is_reported_with_its_logit_gap(tiny_bench):

@@ -1,6 +1,8 @@
 """The planner's arithmetic: counterfactual accepted lengths and the choice they imply."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from scylla.decoding.planner import Costs, Step, choose, outcome
@@ -54,3 +56,13 @@ def test_a_useless_draft_and_a_good_lookup_choose_lookup_alone():
     steps = [step(accepted_depths=0, chain_run=4)] * 40
     plan = choose(steps, curve(per_token_ms=2.0, draft_ms=20.0), width=2, lookup=True)
     assert plan.mode == "lookup" and plan.lookup_len == 4 and plan.tau == 5.0
+
+
+def test_host_side_time_of_a_step_counts_against_speculation():
+    """The same steps and costs that build a deep tree decode plainly when each calibration
+    step took far longer than its forwards (host-side work the cost curve does not see)."""
+    fast = [step(accepted_depths=3)] * 40
+    assert choose(fast, curve(per_token_ms=0.5), width=2, lookup=False).mode == "tree"
+    slow = [dataclasses.replace(s, wall_ms=1000.0, verified=25, catch_up=4) for s in fast]
+    plan = choose(slow, curve(per_token_ms=0.5), width=2, lookup=False)
+    assert plan.mode == "plain"

@@ -1,6 +1,7 @@
 """The tracking store: stage runs land in SQLite, and the MLflow UI serves that store."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -12,18 +13,52 @@ from pathlib import Path
 import mlflow
 
 from scylla import paths, store
+from scylla.pipeline import tracking
 from scylla.pipeline.owner import OWNER_TAG, owner_id
 from scylla.pipeline.tracking import stage_run
 
 
-def test_stage_run_logs_params_and_stage_tag():
-    with stage_run("decode", {"decode_batch_size": 4, "draft": None}) as run:
-        mlflow.log_metric("decode/tau", 2.5)
+def test_a_stage_run_by_hand_logs_its_params_and_tags_its_owner(mlflow_store):
+    """No driver: the default experiment, None params as "", the stage and owner tags."""
+    assert tracking.run_context() == {}
+    with stage_run("decode", {"decode_batch_size": 4, "draft": None},
+                   tags={"machine": "m"}) as run:
+        pass
     got = mlflow.get_run(run.info.run_id)
-    assert got.data.tags["stage"] == "decode"
+    assert mlflow.get_experiment(got.info.experiment_id).name == store.DEFAULT_EXPERIMENT
     assert got.data.params == {"decode_batch_size": "4", "draft": ""}
-    assert got.data.metrics["decode/tau"] == 2.5
+    assert {k: v for k, v in got.data.tags.items() if not k.startswith("mlflow.")} == {
+        "stage": "decode", "machine": "m", OWNER_TAG: owner_id()}
+    assert got.info.status == "FINISHED"
     assert paths.tracking_uri().startswith("sqlite:///")
+
+
+def test_a_driver_context_names_the_experiment_labels_lineage_and_owner(mlflow_store):
+    """Under a driver the run joins its attempt: the context's experiment and tags (its owner
+    instead of this process), its labels and the upstream run's params as params (a name the
+    stage logs itself kept as ``<upstream stage>.<name>``); dead runs are left to the driver."""
+    exp = store.experiment_id("e")
+    client = mlflow.MlflowClient()
+    dead = client.create_run(exp, tags={"stage": "train",
+                                        OWNER_TAG: f"{socket.gethostname()}:{2**22 + 1}:1"})
+    ctx = {"experiment": "e", "tags": {"scylla.attempt": "a1", OWNER_TAG: "driver:1:1"},
+           "labels": {"variant": "scylla", "seed": "from-label"},
+           "upstream": {"stage": "train", "params": {"seed": "3", "train_tokens": "1000"}}}
+    with paths.environment({tracking.CONTEXT_ENV: json.dumps(ctx)}):
+        assert tracking.run_context() == ctx
+        with stage_run("decode", {"seed": 7, "draft": None}) as run:
+            pass
+    got = mlflow.get_run(run.info.run_id)
+    assert got.info.experiment_id == exp
+    assert got.data.params == {"train.seed": "3", "train_tokens": "1000", "variant": "scylla",
+                               "seed": "7", "draft": ""}
+    assert {k: v for k, v in got.data.tags.items() if not k.startswith("mlflow.")} == {
+        "stage": "decode", "scylla.attempt": "a1", OWNER_TAG: "driver:1:1"}
+    assert client.get_run(dead.info.run_id).info.status == "RUNNING"
+    # the same stage run by hand in that experiment closes the dead process's run
+    with stage_run("decode", {}, experiment="e"):
+        pass
+    assert client.get_run(dead.info.run_id).info.status == "KILLED"
 
 
 def test_a_run_a_dead_process_left_running_is_closed_by_the_next_stage_run():

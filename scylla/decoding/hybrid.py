@@ -15,6 +15,7 @@ distribution the target's. Lookup nodes have no draft candidates of their own.
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from scylla.decoding.drafter import DraftProposer, DraftState
 from scylla.decoding.planner import AutoPlanner
 from scylla.decoding.pld import NgramIndex
 from scylla.decoding.prefill import Prefill
+from scylla.decoding.timing import synchronize
 from scylla.decoding.tree import Candidates, Tree
 from scylla.decoding.verify import Verdict
 
@@ -64,10 +66,14 @@ class HybridState:
                  rows: list[NgramIndex]):
         self.p, self.draft, self.rows = proposer, draft, rows
         self.pending: tuple[Tree, int, list[list[int]]] | None = None  # for calibration
+        self.started = 0.0  # when the calibration step began (perf_counter)
 
     def propose(self, roots: torch.Tensor, lengths: torch.Tensor,
                 generator: torch.Generator | None) -> tuple[Tree, Candidates | None]:
         p = self.p
+        if p.calibrating:
+            synchronize(roots.device)
+            self.started = time.perf_counter()
         if p.drafts:
             tree, cands = self.draft.propose(roots, lengths, generator)
         else:
@@ -85,7 +91,10 @@ class HybridState:
         for row, new in zip(self.rows, emitted):
             row.extend(new)
         if self.pending is not None:
-            self.p.planner.record(self.p, *self.pending, target_out.logits)
+            synchronize(verdict.count.device)
+            wall_ms = (time.perf_counter() - self.started) * 1e3
+            self.p.planner.record(self.p, *self.pending, target_out.logits, wall_ms,
+                                  int(verdict.count.max()))
             self.pending = None
 
     def select(self, rows: torch.Tensor) -> "HybridState":

@@ -15,7 +15,10 @@ measured here, never assumed:
 - **Cost.** The target's forward of k tokens per row and the draft's, at this batch size
   (``forward_cost``), measured once per machine, target, draft architecture and batch size and
   cached under the data dir (``plans/``). A tree of depth d costs the target forward of its
-  nodes plus d - 1 draft expansion forwards and one catch-up forward.
+  nodes plus d - 1 draft expansion forwards and one catch-up forward, plus the host-side work
+  of a step (tree building, masks, acceptance, bookkeeping): each calibration step is timed
+  whole, and the median of its wall time less its forwards is added to every speculative
+  candidate.
 
 The plan maximises predicted tokens per second over the grid. Unless the best speculative
 candidate beats plain decoding (a one-token forward per token) by ``MARGIN``, the decode goes on
@@ -82,12 +85,19 @@ class Step:
     chain: list[int] = field(default_factory=list)  # tree indices of the lookup chain
     chain_accepted: list[bool] = field(default_factory=list)
     n_draft: int = 0
+    # the whole step's wall time and what the cost curve accounts for of it: the verified
+    # nodes per row and the catch-up tokens (the rest is host-side work)
+    wall_ms: float = 0.0
+    verified: int = 0
+    catch_up: int = 0
+    batch: int = 1
 
 
-def record(tree: Tree, n_draft: int, chains: list[list[int]], logits: torch.Tensor
-           ) -> list[Step]:
+def record(tree: Tree, n_draft: int, chains: list[list[int]], logits: torch.Tensor,
+           wall_ms: float, catch_up: int) -> list[Step]:
     """The calibration steps of one verification: tree (B, N) as verified, n_draft the draft
-    tree's node count before lookup grafting, chains[b] row b's lookup node indices."""
+    tree's node count before lookup grafting, chains[b] row b's lookup node indices, the
+    step's wall time and its catch-up forward's tokens per row."""
     accepted = greedy_accepted(tree, logits.argmax(-1), tree.ancestors()).cpu().numpy()
     scores = tree.scores[:, 1:n_draft].float().cpu().numpy()
     depths = tree.depth[:, 1:n_draft].cpu().numpy()
@@ -98,7 +108,8 @@ def record(tree: Tree, n_draft: int, chains: list[list[int]], logits: torch.Tens
         steps.append(Step(scores=scores[b][ok], depths=depths[b][ok],
                           accepted=accepted[b, 1:n_draft][ok], chain=chains[b],
                           chain_accepted=[bool(accepted[b, i]) for i in chains[b]],
-                          n_draft=n_draft))
+                          n_draft=n_draft, wall_ms=wall_ms, verified=tree.size,
+                          catch_up=catch_up, batch=tree.tokens.shape[0]))
     return steps
 
 
@@ -164,9 +175,20 @@ def measured_costs(model: Any, draft: Any, batch: int) -> Costs:
     return Costs(rows)
 
 
-def choose(steps: list[Step], costs: Costs, width: int, lookup: bool) -> Plan:
-    """The grid point with the highest predicted tokens/ms (see the module docstring)."""
+def host_ms(steps: list[Step], costs: Costs, width: int, batch: int) -> float:
+    """The median host-side time of a calibration step: its wall time less the forwards the
+    cost curve accounts for (steps at this batch size when there are any)."""
+    mine = [s for s in steps if s.batch == batch] or steps
+    rest = [s.wall_ms - costs.target_ms(s.verified) - (CALIBRATION_DEPTH - 1)
+            * costs.draft_ms(width) - costs.draft_ms(s.catch_up) for s in mine]
+    return max(0.0, float(np.median(rest))) if rest else 0.0
+
+
+def choose(steps: list[Step], costs: Costs, width: int, lookup: bool, batch: int = 1) -> Plan:
+    """The grid point with the highest predicted tokens/ms (see the module docstring); every
+    speculative candidate pays the measured host-side time of a step (``host_ms``)."""
     plain_ms = costs.target_ms(1)
+    host = host_ms(steps, costs, width, batch)
     best = Plan("plain", calibration_steps=len(steps))
     best_rate = 1.0 / plain_ms
     lookups = LOOKUPS if lookup else (0,)
@@ -176,7 +198,7 @@ def choose(steps: list[Step], costs: Costs, width: int, lookup: bool) -> Plan:
     for n, d, m in candidates:
         results = np.array([outcome(s, n, d, m) if n else _lookup_only(s, m) for s in steps])
         tau, size = results[:, 0].mean(), results[:, 1].mean()
-        ms = costs.target_ms(size)
+        ms = costs.target_ms(size) + host
         if n:
             ms += (d - 1) * costs.draft_ms(width) + costs.draft_ms(tau)
         if tau / ms > best_rate * (1 + MARGIN if best.mode == "plain" else 1):
@@ -223,15 +245,15 @@ class AutoPlanner:
         return None
 
     def record(self, proposer: Any, tree: Tree, n_draft: int, chains: list[list[int]],
-               logits: torch.Tensor) -> None:
-        self.steps.extend(record(tree, n_draft, chains, logits))
+               logits: torch.Tensor, wall_ms: float, catch_up: int) -> None:
+        self.steps.extend(record(tree, n_draft, chains, logits, wall_ms, catch_up))
         if len(self.steps) >= CALIBRATION_STEPS:
             self.calibrating = False
             proposer.plan = self.apply(proposer)
 
     def apply(self, proposer: Any) -> Plan:
         plan = choose(self.steps, measured_costs(self.model, self.draft, self.batch),
-                      self.width, self.lookup)
+                      self.width, self.lookup, self.batch)
         if plan.drafts:
             proposer.drafter.set_shape(dynamic_shape(self.width, plan.tree_depth,
                                                      plan.tree_total_tokens))
