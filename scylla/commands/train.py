@@ -129,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
         train, val = shard_sources(resolve_shard_root(data, target, layers), target, cfg, layers)
         features = None
     kwargs = dict(features=features, progress=not args.no_progress, corpus=data.corpus,
-                  vocab=draft_vocabulary(data, target, draft_cfg, cfg), **placement)
+                  vocab=draft_vocabulary(data, target, draft_cfg, cfg, not args.no_progress),
+                  **placement)
     child_run = os.environ.get(RUN_ENV)
     # a DDP rank started by Lightning (logs into rank 0's run), a rank > 0 started by a
     # cluster launcher (rank 0 logs), or no tracking

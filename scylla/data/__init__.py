@@ -9,4 +9,6 @@
 - ``prompts``: Spec-Bench, any prompt JSONL, held-out ShareGPT prompts; prompt -> ids
 - ``jsonl``: reading JSONL with errors that name the file and line
 - ``hidden_states``, ``shards``: the target's features over a corpus, written to shards
+- ``target_text``: the same shards over the target's own answers to the corpus's prompts,
+  decoded in the forwards that record the features
 """

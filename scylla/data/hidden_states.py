@@ -10,6 +10,9 @@ its last complete shard.
 
 Besides the train split (up to the budget) the validation split's first ``val_tokens`` tokens
 are built into ``val/`` next to ``train/``.
+
+``answers='target'`` builds the same shards over the target's own answers to the first user
+turn of each conversation instead of the corpus's replies (``scylla.data.target_text``).
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ from scylla.errors import ConfigError, DataError
 from scylla.modeling.targets import TargetInfo
 
 HIDDEN_DTYPES = ("bfloat16", "float16", "float32")
+ANSWERS = ("corpus", "target")
 PAD_MULTIPLE = 64  # see scylla.drafts.data.PAD_MULTIPLE
 SPLIT_DIRS = ("train", "val")
 
@@ -67,7 +71,20 @@ class HiddenStatesConfig:
     build_batch_tokens: int = doc("Padded tokens per target forward.", 8192)
     shuffle_seed: int = doc("Seed of the fixed training order (keep it across a sweep).", 0)
     shards: str = doc("Shard root directory (holding train/ and val/); '' = derived from target, "
-                      "corpus and layers under the data dir.", "")
+                      "corpus, answers and layers under the data dir.", "")
+    answers: str = doc(f"Assistant text of the shards, one of {ANSWERS}: 'corpus' = the "
+                       "conversations' replies as written; 'target' = the target's own answer to "
+                       "each conversation's first user turn (chat template, generation prompt), "
+                       "decoded with the same forwards that record its features.", "corpus")
+    answer_max_new_tokens: int = doc("answers='target': answer tokens per conversation at most "
+                                     "(EOS ends an answer earlier; max_seq_len caps prompt + "
+                                     "answer).", 512)
+    answer_temperature: float = doc("answers='target': 0 = greedy answers, else sampled at this "
+                                    "temperature.", 0.0)
+    answer_seed: int = doc("answers='target', answer_temperature > 0: seed of the sampled "
+                           "answers (each conversation draws from its own generator).", 0)
+    answer_batch_size: int = doc("answers='target': conversations decoded together (a finished "
+                                 "row takes the next conversation at once).", 8)
 
     def __post_init__(self) -> None:
         o = "HiddenStatesConfig"
@@ -78,6 +95,15 @@ class HiddenStatesConfig:
               f"one of {HIDDEN_DTYPES}")
         check(self.tokens_per_shard >= 1, o, "tokens_per_shard", self.tokens_per_shard, ">= 1")
         check(self.build_batch_tokens >= 1, o, "build_batch_tokens", self.build_batch_tokens,
+              ">= 1")
+        check(self.answers in ANSWERS, o, "answers", self.answers, f"one of {ANSWERS}")
+        check(self.answer_max_new_tokens >= 1, o, "answer_max_new_tokens",
+              self.answer_max_new_tokens, ">= 1")
+        check(self.answer_temperature >= 0, o, "answer_temperature", self.answer_temperature,
+              ">= 0")
+        check(self.answer_temperature == 0 or self.answers == "target", o,
+              "answer_temperature", self.answer_temperature, "only with answers='target'")
+        check(self.answer_batch_size >= 1, o, "answer_batch_size", self.answer_batch_size,
               ">= 1")
 
 
@@ -111,6 +137,28 @@ def feature_layer_indices(text: str, num_hidden_layers: int) -> tuple[int, ...]:
 
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[-80:]
+
+
+def answers_identity(cfg: HiddenStatesConfig) -> dict[str, Any]:
+    """What the target's answers depend on (part of the shard header; {} for corpus text)."""
+    if cfg.answers == "corpus":
+        return {}
+    out: dict[str, Any] = {"answers": cfg.answers,
+                           "answer_max_new_tokens": cfg.answer_max_new_tokens,
+                           "answer_temperature": cfg.answer_temperature}
+    if cfg.answer_temperature > 0:  # greedy answers depend on no seed
+        out["answer_seed"] = cfg.answer_seed
+    return out
+
+
+def answers_key(cfg: HiddenStatesConfig, corpus_key: str) -> str:
+    """The corpus part of a shard directory's name: ``corpus_key`` for the corpus's replies,
+    ``<corpus_key>-target-greedy-n512`` / ``...-target-t0.7-s0-n512`` for the target's."""
+    if cfg.answers == "corpus":
+        return corpus_key
+    how = ("greedy" if cfg.answer_temperature == 0 else
+           f"t{cfg.answer_temperature:g}-s{cfg.answer_seed}")
+    return f"{corpus_key}-{cfg.answers}-{how}-n{cfg.answer_max_new_tokens}"
 
 
 def default_root(target_name: str, corpus_key: str, hidden_dtype: str,
@@ -255,10 +303,11 @@ def build_shards(model: Any, examples: Iterator[tuple[np.ndarray, np.ndarray]],
 # corpus + target -> shard directories
 
 
-def open_corpus(cfg: HiddenStatesConfig, tokenizer: Any, split: str) -> Any:
+def open_corpus(cfg: HiddenStatesConfig, tokenizer: Any, split: str, progress: bool = True
+                ) -> Any:
     convs = None if cfg.corpus == "sharegpt" else load_conversations(cfg.corpus)
     return load_corpus(tokenizer, cfg.max_seq_len, split, conversations=convs,
-                       shuffle_seed=cfg.shuffle_seed)
+                       shuffle_seed=cfg.shuffle_seed, progress=progress)
 
 
 def example_stream(corpus: Any) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -271,14 +320,15 @@ def build_header(target: Any, corpus_key: str, split: str, cfg: HiddenStatesConf
             "target_dtype": str(target.dtype).removeprefix("torch."),
             "corpus": corpus_key, "split": split, "max_seq_len": cfg.max_seq_len,
             "hidden_dtype": cfg.hidden_dtype, "layers": list(layers),
-            "tokens_per_shard": cfg.tokens_per_shard, "target_argmax": split == "val"}
+            "tokens_per_shard": cfg.tokens_per_shard, "target_argmax": split == "val",
+            **answers_identity(cfg)}
 
 
 def shard_root(cfg: HiddenStatesConfig, target: Any, corpus_key: str,
                layers: Sequence[int]) -> Path:
     if cfg.shards:
         return Path(cfg.shards).expanduser()
-    return default_root(target.name, corpus_key, cfg.hidden_dtype, layers)
+    return default_root(target.name, answers_key(cfg, corpus_key), cfg.hidden_dtype, layers)
 
 
 def val_shard_tokens(tokens_per_shard: int) -> int:
@@ -292,13 +342,17 @@ def build_hidden_states(target: Any, cfg: HiddenStatesConfig, progress: bool = T
                         ) -> dict[str, Any]:
     """Build (or extend) the train and val shards of ``cfg`` for ``target``; returns the root
     directory and per-split counts."""
+    if cfg.answers != "corpus":
+        raise ConfigError(f"HiddenStatesConfig.answers={cfg.answers!r}: build_hidden_states "
+                          "builds the corpus's replies; scylla.data.target_text."
+                          "build_target_text builds the target's answers")
     layers = feature_layer_indices(cfg.feature_layers, target.model.config.num_hidden_layers)
     result: dict[str, Any] = {"layers": list(layers)}
     root = None
     for split, budget in (("train", cfg.build_tokens), ("val", cfg.val_tokens)):
         if budget == 0:
             continue
-        corpus = open_corpus(cfg, target.tokenizer, split)
+        corpus = open_corpus(cfg, target.tokenizer, split, progress)
         # the directory is named after the train corpus (build_tokens >= 1 builds it first)
         root = root or shard_root(cfg, target, corpus.dir.name, layers)
         split_cfg = cfg if split == "train" else dataclasses.replace(

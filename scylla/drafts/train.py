@@ -54,7 +54,7 @@ CKPT_DIR = "checkpoints"
 # Data flags of `scylla hidden-states` that `scylla train` shares (the budgets come from
 # TrainConfig, the layers from DraftConfig)
 DATA_SKIP = ("build_tokens", "val_tokens", "max_seq_len", "feature_layers", "tokens_per_shard",
-             "build_batch_tokens")
+             "build_batch_tokens", "answer_batch_size")
 
 
 def init_slices(cfg: TrainConfig) -> list[list[int]]:
@@ -127,6 +127,10 @@ def prefix_examples(corpus: Any, tokens: int, strict: bool) -> list[Any]:
 
 def online_sources(data: HiddenStatesConfig, target: Any, cfg: TrainConfig
                    ) -> tuple[SequenceSource, SequenceSource | None]:
+    if data.answers != "corpus":
+        raise ConfigError(f"HiddenStatesConfig.answers={data.answers!r}: online training reads "
+                          "the corpus's own replies; train on shards built by `scylla "
+                          "hidden-states --answers target` instead")
     budget = data_budget(cfg)
     train = tokenized_source(prefix_examples(open_corpus(data, target.tokenizer, "train"),
                                              budget, strict=True))
@@ -138,7 +142,7 @@ def online_sources(data: HiddenStatesConfig, target: Any, cfg: TrainConfig
 
 
 def draft_vocabulary(data: HiddenStatesConfig, target: Any, draft_cfg: DraftConfig,
-                     cfg: TrainConfig) -> Vocabulary | None:
+                     cfg: TrainConfig, progress: bool = True) -> Vocabulary | None:
     """The fixed vocabulary a pruned draft chooses its tokens from (None when there is none
     to choose: full vocabulary, 'budget', or a continued draft, which keeps its own). For
     'corpus' it is counted once, then read from its file."""
@@ -147,7 +151,7 @@ def draft_vocabulary(data: HiddenStatesConfig, target: Any, draft_cfg: DraftConf
     vocab_size = target.model.config.vocab_size
     if draft_cfg.vocab != "corpus":
         return load_vocab(Path(draft_cfg.vocab).expanduser(), target.name, vocab_size)
-    corpus = open_corpus(data, target.tokenizer, "train")
+    corpus = open_corpus(data, target.tokenizer, "train", progress)
     # the cached counts of the tokenized training split: its cache key names order and tokenizer
     path = (paths.data_dir() / "vocab" / slug(target.name)
             / f"{corpus.dir.name}-{draft_cfg.vocab_tokens or 'all'}.safetensors")
