@@ -48,3 +48,25 @@ def test_rows_are_padded_off_the_root():
     assert grown.valid.tolist()[1] == [True] * 4 + [False] * 2
     assert grown.parents.tolist()[1][4:] == [0, 0]
     assert grown.parents.tolist()[0][4:] == [0, 4]
+
+
+def test_the_calibration_tree_fits_the_cache_to_the_last_token(tmp_path, monkeypatch):
+    """While calibrating, a step verifies the large tree plus the whole lookup chain, also on a
+    row's last steps: the decode's cache leaves room for both."""
+    import random
+
+    from decoding_fixtures import OracleDraft, tiny_target
+
+    from scylla.config import DecodeConfig
+    from scylla.decoding import METHODS
+
+    monkeypatch.setenv("SCYLLA_DATA_DIR", str(tmp_path))  # the planner's cost cache
+    target = tiny_target(24, hidden=32, init=0.3)
+    target.model.config.eos_token_ids = []
+    g = random.Random(0)  # repeated tokens: the lookup finds long chains
+    prompts = [[1] + [g.randrange(3, 8) for _ in range(g.randrange(5, 40))] for _ in range(3)]
+    for temperature in (0.0, 0.8):
+        cfg = DecodeConfig(method="hybrid", max_new_tokens=8, temperature=temperature,
+                           tree_top_k=3)
+        res = METHODS["hybrid"](target, prompts, cfg, OracleDraft(target, noise=1.5))
+        assert [len(t) for t in res.tokens] == [8, 8, 8]

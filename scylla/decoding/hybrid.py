@@ -42,7 +42,7 @@ class HybridProposer:
         self.prefill_forwards = drafter.prefill_forwards
         self.plan = planner.start(self) if planner is not None else None
         # room for the largest tree this decode may verify: the calibration shape's
-        self.room = drafter.room + lookup_len
+        self.room = drafter.room + self.lookup_len
 
     @property
     def drafts(self) -> bool:
