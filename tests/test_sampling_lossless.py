@@ -148,10 +148,11 @@ def exact_distributions(model, temperature: float, top_p: float):
 
 
 def sample_three(target, method, draft, temperature, top_p, seed) -> torch.Tensor:
+    # tree="fixed": these trees, not the planner's (which would time forwards at 1000 rows)
     cfg = DecodeConfig(method=method, max_new_tokens=3, decode_batch_size=1000,
                        temperature=temperature, sample_top_p=top_p, seed=seed, draft_len=3,
                        tree_top_k=3, tree_depth=3, tree_total_tokens=8,
-                       static_tree="0,1,2,00,01,10,000", pld_ngram=1)
+                       static_tree="0,1,2,00,01,10,000", pld_ngram=1, tree="fixed")
     res = METHODS[method](target, [PROMPT] * SAMPLES, cfg, draft)
     return torch.tensor(res.tokens)  # (S, 3)
 
