@@ -59,7 +59,7 @@ def test_generate_streams_text_and_reports_tau(real, tmp_path, capsys):
                  "--max-new-tokens", "8", "--tree-top-k", "2", "--tree-depth", "2",
                  "--tree-total-tokens", "3"]) == 0
     out = capsys.readouterr()
-    assert out.out.strip() and "[tree] τ=" in out.err and "tokens/s" in out.err
+    assert out.out.strip() and "[hybrid] τ=" in out.err and "tokens/s" in out.err
     chat = tmp_path / "chat.json"
     chat.write_text(json.dumps([{"role": "user", "content": QUESTIONS[1]}]))
     # no --draft: the shipped draft, with the hybrid method
