@@ -18,7 +18,7 @@ from scylla.config import DecodeConfig, TargetSpec
 from scylla.decoding.methods import DRAFTED, SPECULATIVE, speculative
 from scylla.decoding.plain import run_plain
 from scylla.decoding.result import DecodeResult
-from scylla.drafts.io import DEFAULT, SHIPPED, from_pretrained
+from scylla.drafts.io import DEFAULT, from_pretrained, is_shipped
 from scylla.errors import DataError
 from scylla.modeling.targets import TargetInfo, load_target
 
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     target = load_target(dataclass_from_args(TargetSpec, args))
     draft_path = args.draft
     if draft_path is None and args.method in (None, *DRAFTED) \
-            and (SHIPPED / TargetInfo.of(target).name).is_dir():
+            and is_shipped(TargetInfo.of(target).name):
         draft_path = DEFAULT  # the draft shipped for this target
     draft = from_pretrained(draft_path, target) if draft_path else None
     method = args.method or ("hybrid" if draft is not None else "pld")

@@ -27,7 +27,7 @@ from scylla.commands.bench import (
 )
 from scylla.commands.cli import add_profile_argument
 from scylla.config import DecodeConfig, TargetSpec
-from scylla.drafts.io import DEFAULT, SHIPPED
+from scylla.drafts.io import DEFAULT, is_shipped
 from scylla.pipeline.sweep import reproduce
 
 
@@ -57,7 +57,7 @@ def job(args: argparse.Namespace, out: Path) -> int:
     prompts = load_bench_prompts(None, args.num_prompts)
     # the shipped draft, when there is one for the target, decodes beside them (hybrid, sized
     # by the planner for this machine and batch size)
-    draft = DEFAULT if (SHIPPED / spec.target).is_dir() else None
+    draft = DEFAULT if is_shipped(spec.target) else None
     methods = ["hf", "plain"] + (["hybrid"] if draft else [])
     bench = load_bench(spec, draft)  # one load of the models for both batch sizes
     for batch in (1, 8):

@@ -337,15 +337,16 @@ def val_shard_tokens(tokens_per_shard: int) -> int:
     return max(1, tokens_per_shard // 8)
 
 
-def build_hidden_states(target: Any, cfg: HiddenStatesConfig, progress: bool = True,
-                        on_shard: Callable[[ShardInfo], None] = lambda info: None
-                        ) -> dict[str, Any]:
-    """Build (or extend) the train and val shards of ``cfg`` for ``target``; returns the root
-    directory and per-split counts."""
-    if cfg.answers != "corpus":
-        raise ConfigError(f"HiddenStatesConfig.answers={cfg.answers!r}: build_hidden_states "
-                          "builds the corpus's replies; scylla.data.target_text."
-                          "build_target_text builds the target's answers")
+SplitBuilder = Callable[[Any, Path, dict[str, Any], int, HiddenStatesConfig, str],
+                       dict[str, Any]]
+
+
+def build_splits(target: Any, cfg: HiddenStatesConfig, progress: bool, build: SplitBuilder
+                 ) -> dict[str, Any]:
+    """The train and val splits of ``cfg`` (those with a budget), each built by
+    ``build(corpus, directory, header, budget, split_cfg, split)``: the corpus of the split,
+    its shard directory, its shard header, its token budget and its config (val shards are
+    smaller). Returns the root directory and per-split counts."""
     layers = feature_layer_indices(cfg.feature_layers, target.model.config.num_hidden_layers)
     result: dict[str, Any] = {"layers": list(layers)}
     root = None
@@ -358,9 +359,26 @@ def build_hidden_states(target: Any, cfg: HiddenStatesConfig, progress: bool = T
         split_cfg = cfg if split == "train" else dataclasses.replace(
             cfg, tokens_per_shard=val_shard_tokens(cfg.tokens_per_shard))
         header = build_header(target, corpus.dir.name, split, split_cfg, layers)
-        stats = build_shards(target.model, example_stream(corpus), root / split, header, budget,
-                             layers, cfg.hidden_dtype, split_cfg.tokens_per_shard,
-                             cfg.build_batch_tokens, split == "val", progress, on_shard)
-        result[split] = stats
+        result[split] = build(corpus, root / split, header, budget, split_cfg, split)
     result["root"] = str(root)
     return result
+
+
+def build_hidden_states(target: Any, cfg: HiddenStatesConfig, progress: bool = True,
+                        on_shard: Callable[[ShardInfo], None] = lambda info: None
+                        ) -> dict[str, Any]:
+    """Build (or extend) the train and val shards of ``cfg`` for ``target``; returns the root
+    directory and per-split counts."""
+    if cfg.answers != "corpus":
+        raise ConfigError(f"HiddenStatesConfig.answers={cfg.answers!r}: build_hidden_states "
+                          "builds the corpus's replies; scylla.data.target_text."
+                          "build_target_text builds the target's answers")
+    layers = feature_layer_indices(cfg.feature_layers, target.model.config.num_hidden_layers)
+
+    def build(corpus: Any, directory: Path, header: dict[str, Any], budget: int,
+              split_cfg: HiddenStatesConfig, split: str) -> dict[str, Any]:
+        return build_shards(target.model, example_stream(corpus), directory, header, budget,
+                            layers, cfg.hidden_dtype, split_cfg.tokens_per_shard,
+                            cfg.build_batch_tokens, split == "val", progress, on_shard)
+
+    return build_splits(target, cfg, progress, build)

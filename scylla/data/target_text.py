@@ -40,12 +40,9 @@ from tqdm.auto import tqdm
 
 from scylla.data.hidden_states import (
     HiddenStatesConfig,
-    build_header,
+    build_splits,
     feature_layer_indices,
     open_build,
-    open_corpus,
-    shard_root,
-    val_shard_tokens,
 )
 from scylla.data.prompts import prompt_ids
 from scylla.data.shards import ShardInfo, save_manifest, write_shard
@@ -371,24 +368,17 @@ def build_target_text(target: Any, cfg: HiddenStatesConfig, progress: bool = Tru
         raise ConfigError(f"HiddenStatesConfig.answers={cfg.answers!r}: build_target_text "
                           "builds answers='target'")
     layers = feature_layer_indices(cfg.feature_layers, target.model.config.num_hidden_layers)
-    result: dict[str, Any] = {"layers": list(layers)}
-    root = None
-    for split, budget in (("train", cfg.build_tokens), ("val", cfg.val_tokens)):
-        if budget == 0:
-            continue
+
+    def build(corpus: Any, directory: Path, header: dict[str, Any], budget: int,
+              split_cfg: HiddenStatesConfig, split: str) -> dict[str, Any]:
         # the builder's own order of the split (nothing is tokenized here)
-        corpus = open_corpus(cfg, target.tokenizer, split, progress)
-        root = root or shard_root(cfg, target, corpus.dir.name, layers)
-        split_cfg = cfg if split == "train" else dataclasses.replace(
-            cfg, tokens_per_shard=val_shard_tokens(cfg.tokens_per_shard))
-        header = build_header(target, corpus.dir.name, split, split_cfg, layers)
-        result[split] = build_answer_shards(
-            target.model, prompt_stream(corpus.conversations, target.tokenizer), root / split,
+        return build_answer_shards(
+            target.model, prompt_stream(corpus.conversations, target.tokenizer), directory,
             header, budget, max_seq_len=cfg.max_seq_len,
             max_new_tokens=cfg.answer_max_new_tokens, eos_token_ids=target.eos_token_ids,
             temperature=cfg.answer_temperature, seed=cfg.answer_seed,
             batch_size=cfg.answer_batch_size, layers=layers, hidden_dtype=cfg.hidden_dtype,
             tokens_per_shard=split_cfg.tokens_per_shard, store_argmax=split == "val",
             progress=progress, on_shard=on_shard)
-    result["root"] = str(root)
-    return result
+
+    return build_splits(target, cfg, progress, build)

@@ -121,14 +121,11 @@ def outcome(step: Step, total: int, depth: int, lookup: int) -> tuple[int, int]:
     order = np.argsort(-step.scores[shallow], kind="stable")[:total]
     kept = index[shallow][order]
     deepest = int(step.depths[shallow][order][step.accepted[shallow][order]].max(initial=0))
-    chain = step.chain[:lookup]
+    chain, run = _lookup(step, lookup)
     kept_set = set(kept.tolist())
     shared = 0
     while shared < len(chain) and chain[shared] in kept_set:
         shared += 1
-    run = 0
-    while run < len(chain) and step.chain_accepted[run]:
-        run += 1
     return 1 + max(deepest, run), 1 + len(kept) + len(chain) - shared
 
 
@@ -208,11 +205,17 @@ def choose(steps: list[Step], costs: Costs, width: int, lookup: bool, batch: int
     return best
 
 
-def _lookup_only(step: Step, lookup: int) -> tuple[int, int]:
+def _lookup(step: Step, lookup: int) -> tuple[list[int], int]:
+    """The first ``lookup`` chain nodes and how many of them, from the first, are accepted."""
     chain = step.chain[:lookup]
     run = 0
     while run < len(chain) and step.chain_accepted[run]:
         run += 1
+    return chain, run
+
+
+def _lookup_only(step: Step, lookup: int) -> tuple[int, int]:
+    chain, run = _lookup(step, lookup)
     return 1 + run, 1 + len(chain)
 
 

@@ -62,10 +62,15 @@ DEFAULT = "default"  # --draft default: the shipped draft of the target
 SHIPPED = Path(__file__).parent / "shipped"  # one directory per target name
 
 
+def is_shipped(target_name: str) -> bool:
+    """A draft ships in this package for ``target_name``."""
+    return (SHIPPED / target_name).is_dir()
+
+
 def shipped_draft(target_name: str) -> Path:
     """The directory of the draft shipped for ``target_name``; ConfigError when there is none."""
     path = SHIPPED / target_name
-    if not path.is_dir():
+    if not is_shipped(target_name):
         have = sorted(p.name for p in SHIPPED.iterdir() if p.is_dir()) if SHIPPED.is_dir() else []
         raise ConfigError(f"--draft {DEFAULT}: no draft is shipped for target {target_name!r} "
                           f"(shipped: {', '.join(have) or 'none'}); train one with "
