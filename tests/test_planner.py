@@ -2,10 +2,22 @@
 from __future__ import annotations
 
 import dataclasses
+import types
+from typing import Any
 
 import numpy as np
+import pytest
+import torch
 
-from scylla.decoding.planner import Costs, Step, choose, outcome
+from scylla.decoding.planner import (
+    CALIBRATION_STEPS,
+    REPLAN_EVERY,
+    AutoPlanner,
+    Costs,
+    Step,
+    choose,
+    outcome,
+)
 
 
 def step(accepted_depths: int, chain_run: int = 0, chain_shared: int = 0) -> Step:
@@ -41,20 +53,20 @@ def curve(per_token_ms: float, draft_ms: float = 1.0) -> Costs:
 
 def test_costly_verification_decodes_plainly():
     steps = [step(accepted_depths=1)] * 40  # half a token more per step at best
-    plan = choose(steps, curve(per_token_ms=30.0), width=2, lookup=False)
+    plan = choose(steps, curve(per_token_ms=30.0), width=2, max_match=0)
     assert plan.mode == "plain" and plan.speedup == 1.0
 
 
 def test_cheap_verification_and_good_drafts_build_the_deep_tree():
     steps = [step(accepted_depths=3)] * 40
-    plan = choose(steps, curve(per_token_ms=0.5), width=2, lookup=False)
+    plan = choose(steps, curve(per_token_ms=0.5), width=2, max_match=0)
     assert plan.mode == "tree" and plan.tree_depth == 3 and plan.tau == 4.0
     assert plan.tree_total_tokens >= 3 and plan.speedup > 3
 
 
 def test_a_useless_draft_and_a_good_lookup_choose_lookup_alone():
     steps = [step(accepted_depths=0, chain_run=4)] * 40
-    plan = choose(steps, curve(per_token_ms=2.0, draft_ms=20.0), width=2, lookup=True)
+    plan = choose(steps, curve(per_token_ms=2.0, draft_ms=20.0), width=2, max_match=3)
     assert plan.mode == "lookup" and plan.lookup_len == 4 and plan.tau == 5.0
 
 
@@ -62,7 +74,69 @@ def test_host_side_time_of_a_step_counts_against_speculation():
     """The same steps and costs that build a deep tree decode plainly when each calibration
     step took far longer than its forwards (host-side work the cost curve does not see)."""
     fast = [step(accepted_depths=3)] * 40
-    assert choose(fast, curve(per_token_ms=0.5), width=2, lookup=False).mode == "tree"
+    assert choose(fast, curve(per_token_ms=0.5), width=2, max_match=0).mode == "tree"
     slow = [dataclasses.replace(s, wall_ms=1000.0, verified=25, catch_up=4) for s in fast]
-    plan = choose(slow, curve(per_token_ms=0.5), width=2, lookup=False)
+    plan = choose(slow, curve(per_token_ms=0.5), width=2, max_match=0)
     assert plan.mode == "plain"
+
+
+def test_lookup_waits_for_the_match_length_that_pays():
+    """Chains after a two-token match are all rejected, chains after a three-token match all
+    accepted: the plan proposes lookup tokens after three-token matches only."""
+    steps = [dataclasses.replace(step(accepted_depths=0, chain_run=4 if i % 2 else 0),
+                                 match=3 if i % 2 else 2, group=i) for i in range(40)]
+    costs = curve(per_token_ms=8.0, draft_ms=20.0)
+    plan = choose(steps, costs, width=2, max_match=3)
+    assert plan.mode == "lookup" and plan.lookup_min_match == 3 and plan.lookup_len == 4
+    # half the steps accept 4 lookup tokens (5 tokens for a 5-token forward), half verify the
+    # root alone: (20 * 5 + 20 * 1) / (20 * 62 + 20 * 30) ms against plain's 1 / 30 ms
+    assert plan.speedup == pytest.approx(120 / 1840 * 30)
+    assert plan.tau == pytest.approx(3.0)
+
+
+def test_a_verification_costs_its_largest_row():
+    """Rows verified together pay one forward of the largest row's tree: a row with a 4-token
+    lookup chain next to one with none costs a 5-token forward for both."""
+    hit = dataclasses.replace(step(accepted_depths=0, chain_run=4), match=3)
+    miss = dataclasses.replace(step(accepted_depths=0), chain=[], chain_accepted=[], match=0)
+    costs = curve(per_token_ms=8.0, draft_ms=20.0)
+    alone = [dataclasses.replace(s, group=i) for i, s in enumerate([hit, miss] * 20)]
+    together = [dataclasses.replace(s, group=i // 2) for i, s in enumerate([hit, miss] * 20)]
+    # alone: (5 + 1) tokens in 62 + 30 ms; together: 6 tokens in one 62 ms forward of two
+    # rows, against plain's 2 tokens in 30 ms
+    assert choose(alone, costs, width=2, max_match=3).speedup == pytest.approx(6 / 92 * 30)
+    plan = choose(together, costs, width=2, max_match=3, batch=2)
+    assert plan.mode == "lookup" and plan.speedup == pytest.approx(6 / 62 * 15)
+
+
+def drive(monkeypatch, calibration: Step, steps: int) -> tuple[list[bool], Any]:
+    """Run the planner's per-step protocol ``steps`` times; every calibration step records
+    ``calibration`` (one row). Returns which steps calibrated and the proposer."""
+    import scylla.decoding.planner as planner
+
+    monkeypatch.setattr(planner, "measured_costs", lambda *a: curve(per_token_ms=0.5))
+    monkeypatch.setattr(planner, "record", lambda *a: [calibration])
+    draft = torch.nn.Module()  # the calibration table is kept per draft (weakly)
+    auto = AutoPlanner(model=None, draft=draft, width=2, ngram=0, batch=1, temperature=0.0)
+    shapes: list[Any] = []
+    proposer = types.SimpleNamespace(plan=auto.start(None), lookup_len=0, lookup_min_match=1,
+                                     drafter=types.SimpleNamespace(set_shape=shapes.append))
+    calibrated = []
+    for _ in range(steps):
+        auto.begin(proposer)
+        calibrated.append(auto.calibrating)
+        if auto.calibrating:
+            auto.record(proposer, None, 0, [], [], None, 0.0, 0)
+    return calibrated, proposer
+
+
+def test_a_drafting_plan_calibrates_again_and_plain_decoding_stops_calibrating(monkeypatch):
+    calibrated, proposer = drive(monkeypatch, step(accepted_depths=3), 200)
+    assert proposer.plan.mode == "tree"
+    # the first CALIBRATION_STEPS steps, then one in REPLAN_EVERY
+    assert calibrated[:CALIBRATION_STEPS] == [True] * CALIBRATION_STEPS
+    later = [i for i, c in enumerate(calibrated) if c and i >= CALIBRATION_STEPS]
+    assert later == list(range(CALIBRATION_STEPS + REPLAN_EVERY - 1, 200, REPLAN_EVERY))
+    calibrated, proposer = drive(monkeypatch, dataclasses.replace(
+        step(accepted_depths=0), wall_ms=1000.0), 200)
+    assert proposer.plan.mode == "plain" and sum(calibrated) == CALIBRATION_STEPS

@@ -115,8 +115,11 @@ def describe_plan(plan: dict[str, Any]) -> str:
                     f"{plan['tree_depth']}",
             "hybrid": f"draft tree of {plan['tree_total_tokens']} tokens, depth "
                       f"{plan['tree_depth']}, + {plan['lookup_len']} lookup tokens"}[plan["mode"]]
+    if plan["lookup_len"]:
+        what += f" after a {plan['lookup_min_match']}-token match"
     return (f"{what}; predicted tau {plan['tau']:.2f}, speed-up {plan['speedup']:.2f}x "
-            f"(calibrated on {plan['calibration_steps']} row-steps)")
+            f"(the last of {plan['plans']} plans, on the latest {plan['calibration_steps']} "
+            f"calibration row-steps)")
 
 
 def format_table(report: dict[str, Any]) -> str:

@@ -37,12 +37,18 @@ class HybridProposer:
     def __init__(self, drafter: DraftProposer, ngram: int, lookup_len: int,
                  planner: AutoPlanner | None = None):
         self.drafter, self.ngram, self.lookup_len = drafter, ngram, lookup_len
+        self.lookup_min_match = 1  # propose lookup tokens after a match this long only
         self.planner = planner
         self.hidden_layers = drafter.hidden_layers
         self.prefill_forwards = drafter.prefill_forwards
-        self.plan = planner.start(self) if planner is not None else None
-        # room for the largest tree this decode may verify: the calibration shape's
-        self.room = drafter.room + self.lookup_len
+        self.plan = None
+        if planner is not None:
+            # room for the largest tree this decode may verify: the calibration shape's
+            drafter.set_shape(planner.shape)
+            self.room = drafter.room + planner.lookup_room
+            self.plan = planner.start(self)
+        else:
+            self.room = drafter.room + lookup_len
 
     @property
     def drafts(self) -> bool:
@@ -71,6 +77,8 @@ class HybridState:
     def propose(self, roots: torch.Tensor, lengths: torch.Tensor,
                 generator: torch.Generator | None) -> tuple[Tree, Candidates | None]:
         p = self.p
+        if p.planner is not None:
+            p.planner.begin(p)
         if p.calibrating:
             synchronize(roots.device)
             self.started = time.perf_counter()
@@ -78,10 +86,11 @@ class HybridState:
             tree, cands = self.draft.propose(roots, lengths, generator)
         else:
             tree, cands = root_only(roots, sampled=p.drafter.temperature > 0)
-        chains = [r.propose(p.lookup_len) if p.lookup_len else [] for r in self.rows]
+        found = [r.match(p.lookup_len) if p.lookup_len else ([], 0) for r in self.rows]
+        chains = [chain if n >= p.lookup_min_match else [] for chain, n in found]
         grown, cands, chain_nodes = graft(tree, cands, chains)
         if p.calibrating:
-            self.pending = (grown, tree.size, chain_nodes)
+            self.pending = (grown, tree.size, chain_nodes, [n for _, n in found])
         return grown, cands
 
     def commit(self, verdict: Verdict, target_out: Any, lengths: torch.Tensor,

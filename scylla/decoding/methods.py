@@ -52,8 +52,8 @@ def proposer_for(target: Any, cfg: DecodeConfig, draft: Any) -> Proposer:
     lookup = cfg.method == "hybrid"
     if cfg.tree == "fixed":
         return HybridProposer(drafter, cfg.pld_ngram, cfg.draft_len) if lookup else drafter
-    planner = AutoPlanner(target.model, draft, cfg.tree_top_k, lookup, cfg.decode_batch_size,
-                          cfg.temperature)
+    planner = AutoPlanner(target.model, draft, cfg.tree_top_k, cfg.pld_ngram if lookup else 0,
+                          cfg.decode_batch_size, cfg.temperature)
     return HybridProposer(drafter, cfg.pld_ngram, 0, planner)
 
 
@@ -68,7 +68,7 @@ def speculative(target: Any, prompts: list[list[int]], cfg: DecodeConfig, draft:
                          cfg.decode_batch_size, cfg.temperature, cfg.sample_top_p, cfg.seed,
                          on_emit).run()
     if isinstance(proposer, HybridProposer) and proposer.plan is not None:
-        result.plan = proposer.plan.as_dict()
+        result.plan = {**proposer.plan.as_dict(), "plans": proposer.planner.plans}
     return result
 
 

@@ -64,8 +64,8 @@ def by_category(result: DecodeResult, categories: list[str]) -> dict[str, dict[s
 
 
 # the planner's numbers, logged as ``decode/plan_<name>`` (the prediction beside the measurement)
-PLAN_NUMBERS = ("tree_total_tokens", "tree_depth", "lookup_len", "tau", "speedup",
-                "calibration_steps")
+PLAN_NUMBERS = ("tree_total_tokens", "tree_depth", "lookup_len", "lookup_min_match", "tau",
+                "speedup", "calibration_steps", "plans")
 
 # the per-category metrics, logged as ``<name>/<category>`` (``decode/tau/writing``)
 PER_CATEGORY = ("decode/tau", "decode/alpha", "decode/tokens_per_s")

@@ -6,15 +6,21 @@ measured here, never assumed:
 - **Acceptance.** The first ``CALIBRATION_STEPS`` row-steps of a decode verify a large tree
   (``CALIBRATION_DEPTH`` levels, ``CALIBRATION_TOTAL`` draft tokens, and for ``hybrid`` a
   ``CALIBRATION_LOOKUP``-token lookup chain). For every smaller candidate (the n best-scored draft
-  nodes up to depth d, the first m lookup tokens) the accepted length it would have had follows
-  from that one verification: one plus the depth of its deepest node that the target's argmax
-  accepts together with all its ancestors. That is exact at T = 0 (up to the few nodes a
-  shallower tree would keep that the large one pruned); at T > 0 the same argmax test is the
-  estimate. The table is kept per draft for the process, so later decodes (other batch sizes,
-  other methods) plan without calibrating again.
+  nodes up to depth d, the first m lookup tokens, proposed only after a context match of at
+  least g tokens) the accepted length it would have had follows from that one verification:
+  one plus the depth of its deepest node that the target's argmax accepts together with all its
+  ancestors. That is exact at T = 0 (up to the few nodes a shallower tree would keep that the
+  large one pruned); at T > 0 the same argmax test is the estimate.
+- **Re-planning.** What pays moves with the text: prompt lookup accepts 2.5 tokens a step on
+  extraction and translation and 1.15 on writing. So while the plan drafts, one verification in
+  ``REPLAN_EVERY`` verifies the calibration tree again, and the plan is chosen anew from the
+  latest ``WINDOW`` row-steps. The table is kept per draft for the process, so later decodes
+  (other batch sizes, other methods) start from it without calibrating again. A plan that does
+  not draft is final for its decode: the draft's cache is no longer kept in step.
 - **Cost.** The target's forward of k tokens per row and the draft's, at this batch size
-  (``forward_cost``), measured once per machine, target, draft architecture and batch size and
-  cached under the data dir (``plans/``). A tree of depth d costs the target forward of its
+  (``forward_cost``), measured per machine, target, draft architecture and batch size and
+  cached under the data dir (``plans/``) for ``COSTS_MAX_AGE_S``. Rows verified together pay
+  one forward of the largest row's tree. A tree of depth d costs the target forward of its
   nodes plus d - 1 draft expansion forwards and one catch-up forward, plus the host-side work
   of a step (tree building, masks, acceptance, bookkeeping): each calibration step is timed
   whole, and the median of its wall time less its forwards is added to every speculative
@@ -27,10 +33,13 @@ plainly: it proposes nothing and stops running the draft. The choice is recorded
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import json
 import os
 import platform
+import time
 import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -48,12 +57,22 @@ CALIBRATION_STEPS = 32  # row-steps: ~1-2% of a 40-prompt x 128-token bench at b
 CALIBRATION_DEPTH = 6
 CALIBRATION_TOTAL = 24
 CALIBRATION_LOOKUP = 8
+# once planned, one verification in REPLAN_EVERY calibrates again (while the plan drafts, so the
+# draft's cache stays in step) and the plan is re-chosen from the latest WINDOW row-steps. Chosen
+# on the calibration trees of a whole 40-prompt Spec-Bench decode (batch 1, shipped draft):
+# predicted 1.40x plain for 32 / 64, 1.38x for 16 / 64, 1.32x for 8 / 48, 1.40x for 32 / 256,
+# 1.12x planning once on the first 32 row-steps, 1.48x for the best fixed plan in hindsight
+REPLAN_EVERY = 32
+WINDOW = 64
 # a plan must predict this much over plain decoding: the step's host-side work (tree building,
 # masks, verification, bookkeeping) is not in the forward costs
 MARGIN = 0.05
-TOTALS = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24)
+TOTALS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24)  # 0: lookup alone
 LOOKUPS = (0, 1, 2, 3, 4, 6, 8)
 COST_KS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 33)  # 33 = root + the calibration tree + its lookup
+# a shared machine's cost curve drifts within hours (seen on the 2-core EPYC: the k = 8 forward
+# cost 1.30x the k = 1 forward at one hour and 1.51x two hours later), so it is measured again
+COSTS_MAX_AGE_S = 3600
 
 
 @dataclass
@@ -62,6 +81,8 @@ class Plan:
     tree_total_tokens: int = 0
     tree_depth: int = 0
     lookup_len: int = 0
+    # lookup proposes only after a match of at least this many context tokens (an n-gram)
+    lookup_min_match: int = 1
     tau: float = 1.0  # predicted accepted length
     speedup: float = 1.0  # predicted tokens/s over plain decoding's
     calibration_steps: int = 0
@@ -85,48 +106,96 @@ class Step:
     chain: list[int] = field(default_factory=list)  # tree indices of the lookup chain
     chain_accepted: list[bool] = field(default_factory=list)
     n_draft: int = 0
+    match: int = 1  # the n-gram length the lookup chain matched (0: no chain)
     # the whole step's wall time and what the cost curve accounts for of it: the verified
     # nodes per row and the catch-up tokens (the rest is host-side work)
     wall_ms: float = 0.0
     verified: int = 0
     catch_up: int = 0
     batch: int = 1
+    group: int = 0  # the verification it was part of: its rows share one forward
+
+    @functools.cached_property
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        return _step_arrays(self)
 
 
-def record(tree: Tree, n_draft: int, chains: list[list[int]], logits: torch.Tensor,
-           wall_ms: float, catch_up: int) -> list[Step]:
+_GROUPS = itertools.count()
+
+
+def record(tree: Tree, n_draft: int, chains: list[list[int]], matches: list[int],
+           logits: torch.Tensor, wall_ms: float, catch_up: int) -> list[Step]:
     """The calibration steps of one verification: tree (B, N) as verified, n_draft the draft
-    tree's node count before lookup grafting, chains[b] row b's lookup node indices, the
-    step's wall time and its catch-up forward's tokens per row."""
+    tree's node count before lookup grafting, chains[b] row b's lookup node indices and
+    matches[b] the n-gram length it matched, the step's wall time and its catch-up forward's
+    tokens per row."""
     accepted = greedy_accepted(tree, logits.argmax(-1), tree.ancestors()).cpu().numpy()
     scores = tree.scores[:, 1:n_draft].float().cpu().numpy()
     depths = tree.depth[:, 1:n_draft].cpu().numpy()
     valid = tree.valid[:, 1:n_draft].cpu().numpy()
+    group = next(_GROUPS)
     steps = []
     for b in range(tree.tokens.shape[0]):
         ok = valid[b]
         steps.append(Step(scores=scores[b][ok], depths=depths[b][ok],
                           accepted=accepted[b, 1:n_draft][ok], chain=chains[b],
                           chain_accepted=[bool(accepted[b, i]) for i in chains[b]],
-                          n_draft=n_draft, wall_ms=wall_ms, verified=tree.size,
-                          catch_up=catch_up, batch=tree.tokens.shape[0]))
+                          n_draft=n_draft, match=matches[b], wall_ms=wall_ms,
+                          verified=tree.size, catch_up=catch_up, batch=tree.tokens.shape[0],
+                          group=group))
     return steps
 
 
-def outcome(step: Step, total: int, depth: int, lookup: int) -> tuple[int, int]:
+class Outcomes:
+    """Every grid point's accepted length and verified nodes, for every step at once: arrays
+    indexed [step, depth - 1, total (TOTALS), lookup (LOOKUPS), min match - 1]."""
+
+    def __init__(self, steps: list[Step], max_match: int):
+        deepest, kept, shared, run, length = (np.stack(a) for a in zip(
+            *(s.arrays for s in steps)))
+        use = (np.array([s.match for s in steps])[:, None]
+               >= np.arange(1, max_match + 1)[None])  # (S, G)
+        run_g = np.where(use[:, None], run[..., None], 0)  # (S, M, G)
+        length_g = np.where(use[:, None], length[..., None], 0)
+        self.tau = 1 + np.maximum(deepest[..., None, None], run_g[:, None, None])
+        self.size = 1 + kept[..., None, None] + length_g[:, None, None] - np.minimum(
+            shared[..., None, None], length_g[:, None, None])
+
+
+def _step_arrays(s: Step) -> tuple[np.ndarray, ...]:
+    """One step's part of ``Outcomes``: per depth and total, the deepest accepted draft node,
+    the draft nodes kept and the lookup chain's leading nodes among them; per lookup length,
+    the chain's accepted run and its length."""
+    totals = np.array(TOTALS)
+    deepest = np.zeros((CALIBRATION_DEPTH, len(TOTALS)), dtype=int)
+    kept, shared = np.zeros_like(deepest), np.zeros_like(deepest)
+    index = np.arange(1, s.n_draft)[: len(s.scores)]
+    for d in range(1, CALIBRATION_DEPTH + 1):
+        shallow = np.flatnonzero(s.depths <= d)
+        order = shallow[np.argsort(-s.scores[shallow], kind="stable")]
+        upto = np.minimum(totals, len(order))
+        hit = np.maximum.accumulate(np.where(s.accepted[order], s.depths[order], 0))
+        deepest[d - 1] = np.concatenate([[0], hit])[upto]
+        kept[d - 1] = upto
+        rank = dict(zip(index[order].tolist(), range(len(order))))
+        # the chain's first j nodes are all kept once the total exceeds their highest rank
+        worst = np.maximum.accumulate([rank.get(c, np.iinfo(int).max) for c in s.chain]
+                                      or [0])[:len(s.chain)]
+        shared[d - 1] = np.searchsorted(worst, totals, side="left")
+    accepted = np.cumprod(s.chain_accepted) if s.chain else np.zeros(0, dtype=int)
+    run = np.array([int(accepted[:m].sum()) for m in LOOKUPS])
+    length = np.minimum(np.array(LOOKUPS), len(s.chain))
+    return deepest, kept, shared, run, length
+
+
+def outcome(step: Step, total: int, depth: int, lookup: int, min_match: int = 1
+            ) -> tuple[int, int]:
     """(accepted length, verified nodes) the step would have had with the ``total`` best draft
-    nodes up to ``depth`` and the first ``lookup`` chain tokens."""
-    index = np.arange(1, step.n_draft)[: len(step.scores)]
-    shallow = step.depths <= depth
-    order = np.argsort(-step.scores[shallow], kind="stable")[:total]
-    kept = index[shallow][order]
-    deepest = int(step.depths[shallow][order][step.accepted[shallow][order]].max(initial=0))
-    chain, run = _lookup(step, lookup)
-    kept_set = set(kept.tolist())
-    shared = 0
-    while shared < len(chain) and chain[shared] in kept_set:
-        shared += 1
-    return 1 + max(deepest, run), 1 + len(kept) + len(chain) - shared
+    nodes up to ``depth`` and the first ``lookup`` chain tokens (after a match of at least
+    ``min_match`` tokens)."""
+    table = Outcomes([step], max(min_match, 1))
+    at = (0, depth - 1, TOTALS.index(total), LOOKUPS.index(lookup), min_match - 1)
+    return int(table.tau[at]), int(table.size[at])
 
 
 class Costs:
@@ -155,13 +224,14 @@ def _machine() -> str:
 
 def measured_costs(model: Any, draft: Any, batch: int) -> Costs:
     """The cost curve for this machine, target, draft architecture and batch size: cached as
-    JSON under ``<data dir>/plans`` (measured in seconds on first use)."""
+    JSON under ``<data dir>/plans`` (measured in seconds on first use, and again once the
+    cached curve is ``COSTS_MAX_AGE_S`` old)."""
     shapes = [(n, list(t.shape)) for n, t in [*draft.named_parameters(), *draft.named_buffers()]]
     key = json.dumps([_machine(), torch.__version__, torch.get_num_threads(), str(model.device),
                       str(model.dtype), repr(model.config), type(draft).__name__, shapes, batch,
                       os.environ.get("SCYLLA_CPU_GEMM", "")])
     path = data_dir() / "plans" / f"costs-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
-    if path.is_file():
+    if path.is_file() and time.time() - path.stat().st_mtime < COSTS_MAX_AGE_S:
         return Costs(json.loads(path.read_text())["rows"])
     rows = forward_cost(model, list(COST_KS), context=128, draft=draft, repeats=3,
                         roofline=False, batch=batch)
@@ -181,42 +251,43 @@ def host_ms(steps: list[Step], costs: Costs, width: int, batch: int) -> float:
     return max(0.0, float(np.median(rest))) if rest else 0.0
 
 
-def choose(steps: list[Step], costs: Costs, width: int, lookup: bool, batch: int = 1) -> Plan:
+def choose(steps: list[Step], costs: Costs, width: int, max_match: int = 0, batch: int = 1
+           ) -> Plan:
     """The grid point with the highest predicted tokens/ms (see the module docstring); every
-    speculative candidate pays the measured host-side time of a step (``host_ms``)."""
+    speculative candidate pays the measured host-side time of a step (``host_ms``).
+    max_match: the lookup's longest n-gram (0: no lookup)."""
     plain_ms = costs.target_ms(1)
     host = host_ms(steps, costs, width, batch)
-    best = Plan("plain", calibration_steps=len(steps))
-    best_rate = 1.0 / plain_ms
-    lookups = LOOKUPS if lookup else (0,)
-    candidates = [(n, d, m) for n in TOTALS for d in range(1, CALIBRATION_DEPTH + 1)
-                  for m in lookups if n <= width + (d - 1) * width * width]
-    candidates += [(0, 0, m) for m in lookups if m > 0]
-    for n, d, m in candidates:
-        results = np.array([outcome(s, n, d, m) if n else _lookup_only(s, m) for s in steps])
-        tau, size = results[:, 0].mean(), results[:, 1].mean()
-        ms = costs.target_ms(size) + host
-        if n:
-            ms += (d - 1) * costs.draft_ms(width) + costs.draft_ms(tau)
-        if tau / ms > best_rate * (1 + MARGIN if best.mode == "plain" else 1):
-            mode = ("hybrid" if m else "tree") if n else "lookup"
-            best = Plan(mode, n, d, m, float(tau), float(tau / ms * plain_ms), len(steps))
-            best_rate = tau / ms
-    return best
-
-
-def _lookup(step: Step, lookup: int) -> tuple[list[int], int]:
-    """The first ``lookup`` chain nodes and how many of them, from the first, are accepted."""
-    chain = step.chain[:lookup]
-    run = 0
-    while run < len(chain) and step.chain_accepted[run]:
-        run += 1
-    return chain, run
-
-
-def _lookup_only(step: Step, lookup: int) -> tuple[int, int]:
-    chain, run = _lookup(step, lookup)
-    return 1 + run, 1 + len(chain)
+    table = Outcomes(steps, max(max_match, 1))
+    groups = np.array([s.group for s in steps])
+    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])  # steps come in groups
+    # a verification costs the forward of its largest row's tree, and yields every row's tokens
+    size = np.maximum.reduceat(table.size, starts, axis=0)
+    tau = np.maximum.reduceat(table.tau, starts, axis=0)
+    tokens = table.tau.sum(0)
+    ms = np.interp(size, costs.ks, costs.target) + host
+    totals = np.array(TOTALS)[None, None, :, None, None]
+    depth = np.arange(1, CALIBRATION_DEPTH + 1)[None, :, None, None, None]
+    draft = (depth - 1) * costs.draft_ms(width) + np.interp(tau, costs.ks, costs.draft)
+    ms = (ms + np.where(totals > 0, draft, 0.0)).sum(0)
+    rate = tokens / ms  # [depth, total, lookup, min match]
+    lookups = np.array(LOOKUPS)[None, None, :, None]
+    matches = np.arange(1, max(max_match, 1) + 1)[None, None, None, :]
+    totals, depth = totals[0], depth[0]
+    fits = ((totals <= width + (depth - 1) * width * width) & ((lookups == 0) | (max_match > 0))
+            # one grid point per plan: lookup alone has no depth, no lookup no minimum match
+            & ((totals > 0) | (depth == 1)) & ((lookups > 0) | (matches == 1))
+            & ((totals > 0) | (lookups > 0)))
+    rate = np.where(fits, rate, -np.inf)
+    plain_rate = len(steps) / (len(starts) * plain_ms)
+    best = np.unravel_index(np.argmax(rate), rate.shape)
+    if rate[best] <= plain_rate * (1 + MARGIN):
+        return Plan("plain", calibration_steps=len(steps))
+    d, n, m, g = int(best[0]) + 1, TOTALS[best[1]], LOOKUPS[best[2]], int(best[3]) + 1
+    mode = ("hybrid" if m else "tree") if n else "lookup"
+    return Plan(mode, n, d if n else 0, m, g if m else 1,
+                float(table.tau[:, best[0], best[1], best[2], best[3]].mean()),
+                float(rate[best] / plain_rate), len(steps))
 
 
 # calibration tables per draft model, for the process (weak: a dropped draft drops its table)
@@ -228,38 +299,56 @@ def known_steps(draft: Any, key: Any) -> list[Step]:
 
 
 class AutoPlanner:
-    """Calibrates, then plans, within one decode (see the module docstring). The proposer it
-    drives has ``drafter`` (a ``DraftProposer``), ``lookup_len`` and ``plan``."""
+    """Calibrates, plans, and re-plans within one decode (see the module docstring). The
+    proposer it drives has ``drafter`` (a ``DraftProposer``), ``lookup_len``,
+    ``lookup_min_match`` and ``plan``."""
 
-    def __init__(self, model: Any, draft: Any, width: int, lookup: bool, batch: int,
+    def __init__(self, model: Any, draft: Any, width: int, ngram: int, batch: int,
                  temperature: float):
-        self.width, self.lookup, self.batch = width, lookup, batch
-        self.steps = known_steps(draft, (width, lookup, temperature > 0))
-        self.calibrating = len(self.steps) < CALIBRATION_STEPS
+        """ngram: the lookup's longest n-gram (0: no lookup, the ``tree`` method)."""
+        self.width, self.ngram, self.batch = width, ngram, batch
+        self.steps = known_steps(draft, (width, ngram, temperature > 0))
+        self.calibrating = False  # this step verifies the calibration tree
+        self.since = 0  # verifications since the last calibration step
+        self.plans = 0  # plans chosen in this decode
+        self.shape = dynamic_shape(width, CALIBRATION_DEPTH, CALIBRATION_TOTAL)
         # measured (or read from the cache) before the decode starts: a bench's untimed warm-up
         # pays for the measurement, not the timed run
         self.costs = measured_costs(model, draft, batch)
 
+    @property
+    def lookup_room(self) -> int:
+        return CALIBRATION_LOOKUP if self.ngram else 0
+
     def start(self, proposer: Any) -> Plan | None:
-        """Give the proposer the calibration shape, or the plan when the table is known."""
+        """The plan when the table is known already (None: calibrate first)."""
+        return self.apply(proposer) if len(self.steps) >= CALIBRATION_STEPS else None
+
+    def begin(self, proposer: Any) -> None:
+        """Before a step's proposal: give the proposer the calibration shape when this step
+        calibrates (no plan yet, or a drafting plan due for re-planning)."""
+        plan = proposer.plan
+        self.calibrating = plan is None or (plan.drafts and self.since >= REPLAN_EVERY - 1)
         if not self.calibrating:
-            return self.apply(proposer)
-        proposer.drafter.set_shape(dynamic_shape(self.width, CALIBRATION_DEPTH,
-                                                 CALIBRATION_TOTAL))
-        proposer.lookup_len = CALIBRATION_LOOKUP if self.lookup else 0
-        return None
+            self.since += 1
+            return
+        proposer.drafter.set_shape(self.shape)
+        proposer.lookup_len, proposer.lookup_min_match = self.lookup_room, 1
 
     def record(self, proposer: Any, tree: Tree, n_draft: int, chains: list[list[int]],
-               logits: torch.Tensor, wall_ms: float, catch_up: int) -> None:
-        self.steps.extend(record(tree, n_draft, chains, logits, wall_ms, catch_up))
+               matches: list[int], logits: torch.Tensor, wall_ms: float, catch_up: int
+               ) -> None:
+        self.steps.extend(record(tree, n_draft, chains, matches, logits, wall_ms, catch_up))
+        del self.steps[:-WINDOW]
+        self.calibrating, self.since = False, 0
         if len(self.steps) >= CALIBRATION_STEPS:
-            self.calibrating = False
             proposer.plan = self.apply(proposer)
 
     def apply(self, proposer: Any) -> Plan:
-        plan = choose(self.steps, self.costs, self.width, self.lookup, self.batch)
+        plan = choose(self.steps, self.costs, self.width, self.ngram, self.batch)
+        self.plans += 1
         if plan.drafts:
             proposer.drafter.set_shape(dynamic_shape(self.width, plan.tree_depth,
                                                      plan.tree_total_tokens))
-        proposer.lookup_len = plan.lookup_len
+        proposer.lookup_len, proposer.lookup_min_match = plan.lookup_len, plan.lookup_min_match
         return plan

@@ -32,12 +32,16 @@ class NgramIndex:
 
     def propose(self, k: int) -> list[int]:
         """Up to k tokens that followed the longest matching suffix n-gram ([] if none)."""
+        return self.match(k)[0]
+
+    def match(self, k: int) -> tuple[list[int], int]:
+        """``propose(k)`` and the length n of the n-gram it matched (0: no match)."""
         m = len(self.tokens)
         for n in range(min(self.max_n, m), 0, -1):
             at = self.next_at[n - 1].get(tuple(self.tokens[m - n:]))
             if at is not None:
-                return self.tokens[at:at + k]
-        return []
+                return self.tokens[at:at + k], n
+        return [], 0
 
 
 class PldProposer:
