@@ -12,6 +12,7 @@ import torch
 from scylla.decoding.planner import (
     CALIBRATION_STEPS,
     REPLAN_EVERY,
+    WINDOW,
     AutoPlanner,
     Costs,
     Step,
@@ -130,13 +131,15 @@ def drive(monkeypatch, calibration: Step, steps: int) -> tuple[list[bool], Any]:
     return calibrated, proposer
 
 
-def test_a_drafting_plan_calibrates_again_and_plain_decoding_stops_calibrating(monkeypatch):
-    calibrated, proposer = drive(monkeypatch, step(accepted_depths=3), 200)
+def test_plans_calibrate_again_until_plain_decoding_is_settled(monkeypatch):
+    """A drafting plan calibrates again one verification in REPLAN_EVERY for good; a plan that
+    does not draft does so only until the window is full, then it is settled (final)."""
+    calibrated, proposer = drive(monkeypatch, step(accepted_depths=3), 1200)
     assert proposer.plan.mode == "tree"
-    # the first CALIBRATION_STEPS steps, then one in REPLAN_EVERY
     assert calibrated[:CALIBRATION_STEPS] == [True] * CALIBRATION_STEPS
     later = [i for i, c in enumerate(calibrated) if c and i >= CALIBRATION_STEPS]
-    assert later == list(range(CALIBRATION_STEPS + REPLAN_EVERY - 1, 200, REPLAN_EVERY))
+    assert later == list(range(CALIBRATION_STEPS + REPLAN_EVERY - 1, 1200, REPLAN_EVERY))
     calibrated, proposer = drive(monkeypatch, dataclasses.replace(
-        step(accepted_depths=0), wall_ms=1000.0), 200)
-    assert proposer.plan.mode == "plain" and sum(calibrated) == CALIBRATION_STEPS
+        step(accepted_depths=0), wall_ms=1000.0), 1200)
+    assert proposer.plan.mode == "plain" and sum(calibrated) == WINDOW
+    assert calibrated[-REPLAN_EVERY * 3:] == [False] * REPLAN_EVERY * 3

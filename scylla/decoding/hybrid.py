@@ -52,7 +52,13 @@ class HybridProposer:
 
     @property
     def drafts(self) -> bool:
+        """This step grows a draft tree."""
         return self.plan is None or self.plan.drafts or self.calibrating
+
+    @property
+    def keeps_draft(self) -> bool:
+        """The draft's cache is kept in step: it drafts, or may draft again in this decode."""
+        return self.drafts or (self.planner is not None and not self.planner.settled(self.plan))
 
     @property
     def calibrating(self) -> bool:
@@ -60,11 +66,11 @@ class HybridProposer:
 
     @property
     def forwards_per_step(self) -> int:
-        return self.drafter.forwards_per_step if self.drafts else 0
+        return self.drafter.forwards_per_step if self.drafts else int(self.keeps_draft)
 
     def start(self, pre: Prefill) -> "HybridState":
         rows = [NgramIndex(p + [f], self.ngram) for p, f in zip(pre.prompts, pre.first.tolist())]
-        return HybridState(self, self.drafter.start(pre) if self.drafts else None, rows)
+        return HybridState(self, self.drafter.start(pre) if self.keeps_draft else None, rows)
 
 
 class HybridState:
@@ -95,7 +101,7 @@ class HybridState:
 
     def commit(self, verdict: Verdict, target_out: Any, lengths: torch.Tensor,
                emitted: list[list[int]]) -> None:
-        if self.draft is not None and self.p.drafts:
+        if self.draft is not None and self.p.keeps_draft:
             self.draft.commit(verdict, target_out, lengths, emitted)
         for row, new in zip(self.rows, emitted):
             row.extend(new)

@@ -16,7 +16,9 @@ measured here, never assumed:
   ``REPLAN_EVERY`` verifies the calibration tree again, and the plan is chosen anew from the
   latest ``WINDOW`` row-steps. The table is kept per draft for the process, so later decodes
   (other batch sizes, other methods) start from it without calibrating again. A plan that does
-  not draft is final for its decode: the draft's cache is no longer kept in step.
+  not draft still keeps the draft's cache in step (one catch-up forward per step) and goes on
+  re-planning until the window is full; from then on it is final for its decode (``settled``)
+  and the draft stops.
 - **Cost.** The target's forward of k tokens per row and the draft's, at this batch size
   (``forward_cost``), measured per machine, target, draft architecture and batch size and
   cached under the data dir (``plans/``) for ``COSTS_MAX_AGE_S``. Rows verified together pay
@@ -57,8 +59,8 @@ CALIBRATION_STEPS = 32  # row-steps: ~1-2% of a 40-prompt x 128-token bench at b
 CALIBRATION_DEPTH = 6
 CALIBRATION_TOTAL = 24
 CALIBRATION_LOOKUP = 8
-# once planned, one verification in REPLAN_EVERY calibrates again (while the plan drafts, so the
-# draft's cache stays in step) and the plan is re-chosen from the latest WINDOW row-steps. Chosen
+# once planned, one verification in REPLAN_EVERY calibrates again (until a plan that does not
+# draft is settled) and the plan is re-chosen from the latest WINDOW row-steps. Chosen
 # on the calibration trees of a whole 40-prompt Spec-Bench decode (batch 1, shipped draft):
 # predicted 1.40x plain for 32 / 64, 1.38x for 16 / 64, 1.32x for 8 / 48, 1.40x for 32 / 256,
 # 1.12x planning once on the first 32 row-steps, 1.48x for the best fixed plan in hindsight
@@ -324,11 +326,16 @@ class AutoPlanner:
         """The plan when the table is known already (None: calibrate first)."""
         return self.apply(proposer) if len(self.steps) >= CALIBRATION_STEPS else None
 
+    def settled(self, plan: Plan | None) -> bool:
+        """A plan that does not draft, chosen on a full window: final for the decode."""
+        return plan is not None and not plan.drafts and len(self.steps) >= WINDOW
+
     def begin(self, proposer: Any) -> None:
         """Before a step's proposal: give the proposer the calibration shape when this step
-        calibrates (no plan yet, or a drafting plan due for re-planning)."""
+        calibrates (no plan yet, or an unsettled plan due for re-planning)."""
         plan = proposer.plan
-        self.calibrating = plan is None or (plan.drafts and self.since >= REPLAN_EVERY - 1)
+        self.calibrating = plan is None or (not self.settled(plan)
+                                            and self.since >= REPLAN_EVERY - 1)
         if not self.calibrating:
             self.since += 1
             return
