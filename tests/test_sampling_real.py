@@ -1,8 +1,9 @@
 """T > 0 on the real target: speculative sampling with the shipped draft reproduces
 SmolLM2-135M-Instruct's own sampling distribution.
 
-Every method samples the first three new tokens of one prompt SAMPLES times (each row an
-independent sample). The exact target probability of a token triple is q(t1) q(t2 | t1)
+Every method samples the first three new tokens of one short prompt SAMPLES times (each row an
+independent sample; the prompt is raw text, no chat template, because every row is prefilled
+and the prefill is most of the test's time). The exact target probability of a token triple is q(t1) q(t2 | t1)
 q(t3 | t1, t2), computed here by target forwards over every prefix likely enough to matter, so
 the test is one-sample: a Pearson chi-square of the observed triples against the exact
 probabilities, triples expected fewer than 5 times pooled into one bin. The first token comes
@@ -29,10 +30,10 @@ from scylla.decoding.verify import verify_sampled
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 ALPHA = 1e-3
-SAMPLES = 3000
+SAMPLES = 2000
 TEMPERATURE = 0.7  # as in the T > 0 bench run of docs/benchmark.md
-# a prompt whose answer copies it: prompt lookup proposes real chains, the draft agrees often
-QUESTION = "Repeat after me: the quick brown fox jumps over the lazy dog."
+# text whose continuation copies it: prompt lookup proposes real chains
+TEXT = "The quick brown fox jumps over the lazy dog. The quick brown fox"
 ENOUGH = 1.0  # prefixes expected at least this often get their next-token distribution
 
 
@@ -43,9 +44,7 @@ def real():
 
     target = load_target("smollm2-135m-instruct")
     draft = from_pretrained(os.environ.get("SCYLLA_TEST_DRAFT", "default"), target)
-    ids = target.tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}],
-                                               add_generation_prompt=True)
-    prompt = list(ids if isinstance(ids, list) else ids["input_ids"])
+    prompt = list(target.tokenizer.encode(TEXT))
     return target, draft, prompt, exact_triples(target.model, prompt)
 
 
@@ -93,6 +92,7 @@ def chi_square_pvalue(observed: list[tuple[int, ...]], exact: dict[tuple[int, ..
 
 def sample(real, method: str) -> list[tuple[int, ...]]:
     target, draft, prompt, _ = real
+    torch.set_num_threads(2)  # the 135M target on thousands of rows (conftest restores 1)
     # tree="fixed": these shapes, not the planner's (which times forwards at this batch size)
     cfg = DecodeConfig(method=method, max_new_tokens=3, decode_batch_size=250,
                        temperature=TEMPERATURE, seed=7, draft_len=3, tree_top_k=3,
