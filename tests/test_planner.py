@@ -11,10 +11,12 @@ import torch
 
 from scylla.decoding.planner import (
     CALIBRATION_STEPS,
+    OBSERVED_MIN,
     REPLAN_EVERY,
     WINDOW,
     AutoPlanner,
     Costs,
+    Plan,
     Step,
     choose,
     outcome,
@@ -110,9 +112,9 @@ def test_a_verification_costs_its_largest_row():
     assert plan.mode == "lookup" and plan.speedup == pytest.approx(6 / 62 * 15)
 
 
-def drive(monkeypatch, calibration: Step, steps: int) -> tuple[list[bool], Any]:
+def drive(monkeypatch, calibration: Step, steps: int) -> tuple[list[bool], Any, AutoPlanner]:
     """Run the planner's per-step protocol ``steps`` times; every calibration step records
-    ``calibration`` (one row). Returns which steps calibrated and the proposer."""
+    ``calibration`` (one row). Returns which steps calibrated, the proposer and the planner."""
     import scylla.decoding.planner as planner
 
     monkeypatch.setattr(planner, "measured_costs", lambda *a: curve(per_token_ms=0.5))
@@ -128,18 +130,49 @@ def drive(monkeypatch, calibration: Step, steps: int) -> tuple[list[bool], Any]:
         calibrated.append(auto.calibrating)
         if auto.calibrating:
             auto.record(proposer, None, 0, [], [], None, 0.0, 0)
-    return calibrated, proposer
+    return calibrated, proposer, auto
 
 
 def test_plans_calibrate_again_until_plain_decoding_is_settled(monkeypatch):
     """A drafting plan calibrates again one verification in REPLAN_EVERY for good; a plan that
     does not draft does so only until the window is full, then it is settled (final)."""
-    calibrated, proposer = drive(monkeypatch, step(accepted_depths=3), 1200)
+    calibrated, proposer, _ = drive(monkeypatch, step(accepted_depths=3), 1200)
     assert proposer.plan.mode == "tree"
     assert calibrated[:CALIBRATION_STEPS] == [True] * CALIBRATION_STEPS
     later = [i for i, c in enumerate(calibrated) if c and i >= CALIBRATION_STEPS]
     assert later == list(range(CALIBRATION_STEPS + REPLAN_EVERY - 1, 1200, REPLAN_EVERY))
-    calibrated, proposer = drive(monkeypatch, dataclasses.replace(
+    calibrated, proposer, _ = drive(monkeypatch, dataclasses.replace(
         step(accepted_depths=0), wall_ms=1000.0), 1200)
     assert proposer.plan.mode == "plain" and sum(calibrated) == WINDOW
     assert calibrated[-REPLAN_EVERY * 3:] == [False] * REPLAN_EVERY * 3
+
+
+@pytest.mark.parametrize("slower, mode", [(1.0, "tree"), (30.0, "plain")])
+def test_the_decodes_own_step_times_correct_the_cost_curve(monkeypatch, slower, mode):
+    """Steps of a tree plan timed at their predicted forwards keep the tree at the next plan;
+    steps that take far longer (a busier machine, host-side work) turn it to plain decoding.
+    Steps of a plain plan are not timed for this."""
+    _, proposer, auto = drive(monkeypatch, step(accepted_depths=3), CALIBRATION_STEPS)
+    plan = proposer.plan
+    assert plan.mode == "tree" and auto.slowdown() is None
+    auto.observe(dataclasses.replace(plan, mode="plain"), 5000.0, 1, 0)
+    n, d = plan.tree_total_tokens, plan.tree_depth
+    # curve(0.5): a k-token target forward costs 30 + 0.5 (k - 1) ms, a draft forward 1 ms
+    forwards = 30 + 0.5 * n + (d - 1) * 1.0 + 1.0
+    for _ in range(OBSERVED_MIN):
+        auto.observe(plan, forwards * slower, 1 + n, 4)
+    assert auto.slowdown() == pytest.approx(slower)
+    assert auto.apply(proposer).mode == mode
+
+
+def test_a_settled_lookup_plan_keeps_its_lookups():
+    """Only a settled plain plan hands the decode to plain decoding's step; a settled lookup
+    plan stops the draft and goes on proposing lookup tokens."""
+    from scylla.decoding.hybrid import HybridProposer
+
+    planner = types.SimpleNamespace(settled=lambda plan: True)
+    for mode, plain in (("plain", True), ("lookup", False)):
+        proposer = types.SimpleNamespace(planner=planner, plan=Plan(mode, lookup_len=4),
+                                         calibrating=False)
+        assert HybridProposer.plain.fget(proposer) is plain
+        assert HybridProposer.drafts.fget(proposer) is False

@@ -217,6 +217,7 @@ class RandomTreeProposer:
     room = 16
     forwards_per_step = 0
     prefill_forwards = 0
+    plain = False
 
     def __init__(self, reference: dict[tuple[int, ...], list[int]], seed: int):
         self.reference, self.rng = reference, random.Random(seed)

@@ -35,6 +35,7 @@ class DraftProposer:
         self.temperature, self.top_p, self.vocab = temperature, top_p, vocab
         self.hidden_layers = tuple(draft.feature_layers)
         self.prefill_forwards = 1
+        self.plain = False
         self.set_shape(shape)
 
     def set_shape(self, shape: TreeShape) -> None:

@@ -50,6 +50,8 @@ class Proposer(Protocol):
     room: int  # cache entries one step needs beyond the context
     forwards_per_step: int  # draft forwards per step
     prefill_forwards: int  # draft forwards of the prefill
+    # settled on proposing nothing for the rest of the decode: steps are plain decoding's
+    plain: bool
 
     def start(self, pre: Prefill) -> ProposerState: ...
 
@@ -169,13 +171,33 @@ class Decoder:
 
     def step(self, batch: Batch) -> None:
         start = time.perf_counter()
+        if self.proposer.plain:
+            self.plain_step(batch)
+        else:
+            self.speculative_step(batch)
+        share = (time.perf_counter() - start) / len(batch.rows)
+        for row in batch.rows:
+            row.stats.seconds += share
+
+    def plain_step(self, batch: Batch) -> None:
+        """Plain decoding's step (its forward, no mask, and its sampling): no tree, no
+        verification, no proposer."""
+        with self.clock("verify"):
+            logits = self.model(batch.roots[:, None], cache=batch.cache).logits[:, -1]
+            nxt = sampling.sample(logits, self.temperature, self.top_p, self.generator)
+        for row, tok in zip(batch.rows, nxt.tolist()):
+            self.emit(row, [tok], draft_forwards=0)
+        batch.roots = nxt
+
+    def speculative_step(self, batch: Batch) -> None:
         lengths = batch.cache.lengths.clone()  # (B,) L: the root sits at position L
         with self.clock("draft"):
             tree, cands = batch.state.propose(batch.roots, lengths, self.generator)
         with self.clock("verify"):
             mask = tree.ancestors()  # (B, N, N)
             out = self.model(tree.tokens, cache=batch.cache,
-                             position_ids=lengths[:, None] + tree.depth, tree_mask=mask,
+                             position_ids=lengths[:, None] + tree.depth,
+                             tree_mask=mask if tree.size > 1 else None,  # the root: causal
                              hidden_layers=self.proposer.hidden_layers)
             if self.temperature == 0:
                 verdict = verify_greedy(tree, out.logits, mask)
@@ -198,6 +220,3 @@ class Decoder:
             with self.clock("draft"):
                 batch.state.commit(verdict, out, lengths, emitted)
         batch.roots = verdict.tokens.gather(1, (verdict.count - 1)[:, None]).squeeze(1)
-        share = (time.perf_counter() - start) / len(batch.rows)
-        for row in batch.rows:
-            row.stats.seconds += share

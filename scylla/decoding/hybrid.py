@@ -61,6 +61,12 @@ class HybridProposer:
         return self.drafts or (self.planner is not None and not self.planner.settled(self.plan))
 
     @property
+    def plain(self) -> bool:
+        """Settled on plain decoding: the engine steps plainly, without this proposer."""
+        return (self.planner is not None and self.planner.settled(self.plan)
+                and self.plan.mode == "plain")
+
+    @property
     def calibrating(self) -> bool:
         return self.planner is not None and self.planner.calibrating
 
@@ -78,14 +84,15 @@ class HybridState:
                  rows: list[NgramIndex]):
         self.p, self.draft, self.rows = proposer, draft, rows
         self.pending: tuple[Tree, int, list[list[int]]] | None = None  # for calibration
-        self.started = 0.0  # when the calibration step began (perf_counter)
+        self.started = 0.0  # when the step began (perf_counter), for the planner
+        self.verified = 0  # nodes per row the step verifies
 
     def propose(self, roots: torch.Tensor, lengths: torch.Tensor,
                 generator: torch.Generator | None) -> tuple[Tree, Candidates | None]:
         p = self.p
         if p.planner is not None:
             p.planner.begin(p)
-        if p.calibrating:
+        if p.planner is not None:  # steps are timed for the planner
             synchronize(roots.device)
             self.started = time.perf_counter()
         if p.drafts:
@@ -97,20 +104,27 @@ class HybridState:
         grown, cands, chain_nodes = graft(tree, cands, chains)
         if p.calibrating:
             self.pending = (grown, tree.size, chain_nodes, [n for _, n in found])
+        self.verified = grown.size
         return grown, cands
 
     def commit(self, verdict: Verdict, target_out: Any, lengths: torch.Tensor,
                emitted: list[list[int]]) -> None:
-        if self.draft is not None and self.p.keeps_draft:
+        p = self.p
+        caught_up = self.draft is not None and p.keeps_draft
+        if caught_up:
             self.draft.commit(verdict, target_out, lengths, emitted)
         for row, new in zip(self.rows, emitted):
             row.extend(new)
+        if p.planner is None:
+            return
+        synchronize(verdict.count.device)
+        wall_ms = (time.perf_counter() - self.started) * 1e3
+        catch_up = int(verdict.count.max()) if caught_up else 0
         if self.pending is not None:
-            synchronize(verdict.count.device)
-            wall_ms = (time.perf_counter() - self.started) * 1e3
-            self.p.planner.record(self.p, *self.pending, target_out.logits, wall_ms,
-                                  int(verdict.count.max()))
+            p.planner.record(p, *self.pending, target_out.logits, wall_ms, catch_up)
             self.pending = None
+        elif p.plan is not None:
+            p.planner.observe(p.plan, wall_ms, self.verified, catch_up)
 
     def select(self, rows: torch.Tensor) -> "HybridState":
         draft = self.draft.select(rows) if self.draft is not None else None

@@ -17,16 +17,20 @@ measured here, never assumed:
   latest ``WINDOW`` row-steps. The table is kept per draft for the process, so later decodes
   (other batch sizes, other methods) start from it without calibrating again. A plan that does
   not draft still keeps the draft's cache in step (one catch-up forward per step) and goes on
-  re-planning until the window is full; from then on it is final for its decode (``settled``)
-  and the draft stops.
+  re-planning until the window is full; from then on it is final for its decode (``settled``):
+  the draft stops and the engine's steps are plain decoding's (``Decoder.plain_step``).
 - **Cost.** The target's forward of k tokens per row and the draft's, at this batch size
   (``forward_cost``), measured per machine, target, draft architecture and batch size and
   cached under the data dir (``plans/``) for ``COSTS_MAX_AGE_S``. Rows verified together pay
   one forward of the largest row's tree. A tree of depth d costs the target forward of its
-  nodes plus d - 1 draft expansion forwards and one catch-up forward, plus the host-side work
-  of a step (tree building, masks, acceptance, bookkeeping): each calibration step is timed
-  whole, and the median of its wall time less its forwards is added to every speculative
-  candidate.
+  nodes plus d - 1 draft expansion forwards and one catch-up forward. What the curve misses
+  (host-side work: tree building, masks, acceptance, bookkeeping; forwards slower inside a
+  decode than in the curve's tight loop) is measured too: every step of a speculative plan is
+  timed whole, and the median of its wall time over the forwards the curve predicts for it,
+  over the latest ``WINDOW`` such steps, scales every speculative candidate's cost. Until
+  ``OBSERVED_MIN`` steps are timed, the calibration steps' own ratio stands in. (A ratio, not
+  an added constant: on the 2-core EPYC a calibration step of 25-33 tokens took 10-30 ms more
+  than its forwards, a 2-5 token lookup step far less.)
 
 The plan maximises predicted tokens per second over the grid. Unless the best speculative
 candidate beats plain decoding (a one-token forward per token) by ``MARGIN``, the decode goes on
@@ -55,7 +59,10 @@ from scylla.decoding.tree import Tree
 from scylla.decoding.verify import greedy_accepted
 from scylla.paths import data_dir
 
-CALIBRATION_STEPS = 32  # row-steps: ~1-2% of a 40-prompt x 128-token bench at batch 1
+# row-steps: ~1.4% of a 40-prompt x 128-token bench at batch 1, and a full WINDOW, so a first
+# plan that does not draft is final at once (at batch 1 a window filled by re-planning alone
+# took ~1,000 steps of catch-up and calibration, 15% slower than plain decoding)
+CALIBRATION_STEPS = 64
 CALIBRATION_DEPTH = 6
 CALIBRATION_TOTAL = 24
 CALIBRATION_LOOKUP = 8
@@ -66,8 +73,8 @@ CALIBRATION_LOOKUP = 8
 # 1.12x planning once on the first 32 row-steps, 1.48x for the best fixed plan in hindsight
 REPLAN_EVERY = 32
 WINDOW = 64
-# a plan must predict this much over plain decoding: the step's host-side work (tree building,
-# masks, verification, bookkeeping) is not in the forward costs
+# a plan must predict this much over plain decoding: the slowdown is a median, and plain
+# decoding's own step is not measured (its forward's cost is the curve's)
 MARGIN = 0.05
 TOTALS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24)  # 0: lookup alone
 LOOKUPS = (0, 1, 2, 3, 4, 6, 8)
@@ -75,6 +82,7 @@ COST_KS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 33)  # 33 = root + the calibration tree
 # a shared machine's cost curve drifts within hours (seen on the 2-core EPYC: the k = 8 forward
 # cost 1.30x the k = 1 forward at one hour and 1.51x two hours later), so it is measured again
 COSTS_MAX_AGE_S = 3600
+OBSERVED_MIN = 8  # timed steps of speculative plans before their ratio replaces calibration's
 
 
 @dataclass
@@ -244,22 +252,24 @@ def measured_costs(model: Any, draft: Any, batch: int) -> Costs:
     return Costs(rows)
 
 
-def host_ms(steps: list[Step], costs: Costs, width: int, batch: int) -> float:
-    """The median host-side time of a calibration step: its wall time less the forwards the
-    cost curve accounts for (steps at this batch size when there are any)."""
-    mine = [s for s in steps if s.batch == batch] or steps
-    rest = [s.wall_ms - costs.target_ms(s.verified) - (CALIBRATION_DEPTH - 1)
-            * costs.draft_ms(width) - costs.draft_ms(s.catch_up) for s in mine]
-    return max(0.0, float(np.median(rest))) if rest else 0.0
+def slowdown(steps: list[Step], costs: Costs, width: int, batch: int) -> float:
+    """The median ratio of a calibration step's wall time to the forwards the cost curve
+    predicts for it (steps at this batch size when there are any; at least 1)."""
+    mine = [s for s in steps if s.batch == batch and s.wall_ms > 0] or [
+        s for s in steps if s.wall_ms > 0]
+    ratio = [s.wall_ms / (costs.target_ms(s.verified) + (CALIBRATION_DEPTH - 1)
+                          * costs.draft_ms(width) + costs.draft_ms(s.catch_up)) for s in mine]
+    return max(1.0, float(np.median(ratio))) if ratio else 1.0
 
 
-def choose(steps: list[Step], costs: Costs, width: int, max_match: int = 0, batch: int = 1
-           ) -> Plan:
+def choose(steps: list[Step], costs: Costs, width: int, max_match: int = 0, batch: int = 1,
+           slower: float | None = None) -> Plan:
     """The grid point with the highest predicted tokens/ms (see the module docstring); every
-    speculative candidate pays the measured host-side time of a step (``host_ms``).
-    max_match: the lookup's longest n-gram (0: no lookup)."""
+    speculative candidate's forwards cost ``slower`` times the curve's (None: the calibration
+    steps' measure, ``slowdown``). max_match: the lookup's longest n-gram (0: no lookup)."""
     plain_ms = costs.target_ms(1)
-    host = host_ms(steps, costs, width, batch)
+    if slower is None:
+        slower = slowdown(steps, costs, width, batch)
     table = Outcomes(steps, max(max_match, 1))
     groups = np.array([s.group for s in steps])
     starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])  # steps come in groups
@@ -267,11 +277,11 @@ def choose(steps: list[Step], costs: Costs, width: int, max_match: int = 0, batc
     size = np.maximum.reduceat(table.size, starts, axis=0)
     tau = np.maximum.reduceat(table.tau, starts, axis=0)
     tokens = table.tau.sum(0)
-    ms = np.interp(size, costs.ks, costs.target) + host
+    ms = np.interp(size, costs.ks, costs.target)
     totals = np.array(TOTALS)[None, None, :, None, None]
     depth = np.arange(1, CALIBRATION_DEPTH + 1)[None, :, None, None, None]
     draft = (depth - 1) * costs.draft_ms(width) + np.interp(tau, costs.ks, costs.draft)
-    ms = (ms + np.where(totals > 0, draft, 0.0)).sum(0)
+    ms = (ms + np.where(totals > 0, draft, 0.0)).sum(0) * slower
     rate = tokens / ms  # [depth, total, lookup, min match]
     lookups = np.array(LOOKUPS)[None, None, :, None]
     matches = np.arange(1, max(max_match, 1) + 1)[None, None, None, :]
@@ -313,6 +323,7 @@ class AutoPlanner:
         self.calibrating = False  # this step verifies the calibration tree
         self.since = 0  # verifications since the last calibration step
         self.plans = 0  # plans chosen in this decode
+        self.ratios: list[float] = []  # speculative steps' wall time over their forwards'
         self.shape = dynamic_shape(width, CALIBRATION_DEPTH, CALIBRATION_TOTAL)
         # measured (or read from the cache) before the decode starts: a bench's untimed warm-up
         # pays for the measurement, not the timed run
@@ -351,8 +362,28 @@ class AutoPlanner:
         if len(self.steps) >= CALIBRATION_STEPS:
             proposer.plan = self.apply(proposer)
 
+    def observe(self, plan: Plan, wall_ms: float, verified: int, catch_up: int) -> None:
+        """A step of ``plan`` (not a calibration step) took ``wall_ms``: it verified
+        ``verified`` nodes per row and its catch-up fed ``catch_up`` tokens per row (0: none)."""
+        if plan.mode == "plain":
+            return  # the ratio scales what speculative candidates cost
+        forwards = self.costs.target_ms(verified) + (self.costs.draft_ms(catch_up)
+                                                     if catch_up else 0.0)
+        if plan.drafts:
+            forwards += (plan.tree_depth - 1) * self.costs.draft_ms(self.width)
+        self.ratios.append(wall_ms / forwards)
+        del self.ratios[:-WINDOW]
+
+    def slowdown(self) -> float | None:
+        """How much slower than the cost curve this decode's speculative steps ran (their
+        median ratio, at least 1; None: too few timed)."""
+        if len(self.ratios) < OBSERVED_MIN:
+            return None
+        return max(1.0, float(np.median(self.ratios)))
+
     def apply(self, proposer: Any) -> Plan:
-        plan = choose(self.steps, self.costs, self.width, self.ngram, self.batch)
+        plan = choose(self.steps, self.costs, self.width, self.ngram, self.batch,
+                      self.slowdown())
         self.plans += 1
         if plan.drafts:
             proposer.drafter.set_shape(dynamic_shape(self.width, plan.tree_depth,

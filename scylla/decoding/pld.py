@@ -48,6 +48,7 @@ class PldProposer:
     hidden_layers: tuple[int, ...] = ()
     forwards_per_step = 0
     prefill_forwards = 0
+    plain = False
 
     def __init__(self, ngram: int, draft_len: int, temperature: float):
         self.ngram, self.draft_len, self.temperature = ngram, draft_len, temperature
