@@ -4,11 +4,11 @@ SmolLM2-135M-Instruct's own sampling distribution.
 Every method samples the first three new tokens of one short prompt SAMPLES times (each row an
 independent sample; the prompt is raw text, no chat template, because every row is prefilled
 and the prefill is most of the test's time). The exact target probability of a token triple is
-q(t1) q(t2 | t1) q(t3 | t1, t2), computed here by target forwards over every prefix likely enough to matter, so
-the test is one-sample: a Pearson chi-square of the observed triples against the exact
-probabilities, triples expected fewer than 5 times pooled into one bin. The first token comes
-from the prefill; the second and third are the ones the draft proposes and the verifier accepts
-or replaces, so the triple is where a wrong acceptance rule shows.
+q(t1) q(t2 | t1) q(t3 | t1, t2), computed here by target forwards over every prefix likely
+enough to matter, so the test is one-sample: a Pearson chi-square of the observed triples
+against the exact probabilities, triples expected fewer than 5 times pooled into one bin. The
+first token comes from the prefill; the second and third are the ones the draft proposes and
+the verifier accepts or replaces, so the triple is where a wrong acceptance rule shows.
 
 A correct sampler fails one run in a thousand seeds (ALPHA); the seed is fixed. Negative
 control: the acceptance test run against the wrong draft distribution (``broken``, the bug of

@@ -16,9 +16,9 @@ measured here, never assumed:
   ``REPLAN_EVERY`` verifies the calibration tree again, and the plan is chosen anew from the
   latest ``WINDOW`` row-steps. The table is kept per draft for the process, so later decodes
   (other batch sizes, other methods) start from it without calibrating again. A plan that does
-  not draft still keeps the draft's cache in step (one catch-up forward per step) and goes on
-  re-planning until the window is full; from then on it is final for its decode (``settled``):
-  the draft stops and the engine's steps are plain decoding's (``Decoder.plain_step``).
+  not draft, chosen on a full window (the first plan is: ``CALIBRATION_STEPS`` = ``WINDOW``),
+  is final for its decode (``settled``): the draft stops, and a plain plan's steps are plain
+  decoding's (``Decoder.plain_step``).
 - **Cost.** The target's forward of k tokens per row and the draft's, at this batch size
   (``forward_cost``), measured per machine, target, draft architecture and batch size and
   cached under the data dir (``plans/``) for ``COSTS_MAX_AGE_S``. Rows verified together pay
@@ -252,13 +252,21 @@ def measured_costs(model: Any, draft: Any, batch: int) -> Costs:
     return Costs(rows)
 
 
+def forwards_ms(costs: Costs, verified: int, depth: int, width: int, catch_up: int) -> float:
+    """The forwards the cost curve predicts for one step: the target's of ``verified`` nodes per
+    row, ``depth - 1`` draft expansions of ``width`` tokens and a catch-up of ``catch_up``
+    tokens (0: none)."""
+    return (costs.target_ms(verified) + max(depth - 1, 0) * costs.draft_ms(width)
+            + (costs.draft_ms(catch_up) if catch_up else 0.0))
+
+
 def slowdown(steps: list[Step], costs: Costs, width: int, batch: int) -> float:
     """The median ratio of a calibration step's wall time to the forwards the cost curve
     predicts for it (steps at this batch size when there are any; at least 1)."""
     mine = [s for s in steps if s.batch == batch and s.wall_ms > 0] or [
         s for s in steps if s.wall_ms > 0]
-    ratio = [s.wall_ms / (costs.target_ms(s.verified) + (CALIBRATION_DEPTH - 1)
-                          * costs.draft_ms(width) + costs.draft_ms(s.catch_up)) for s in mine]
+    ratio = [s.wall_ms / forwards_ms(costs, s.verified, CALIBRATION_DEPTH, width, s.catch_up)
+             for s in mine]
     return max(1.0, float(np.median(ratio))) if ratio else 1.0
 
 
@@ -367,11 +375,9 @@ class AutoPlanner:
         ``verified`` nodes per row and its catch-up fed ``catch_up`` tokens per row (0: none)."""
         if plan.mode == "plain":
             return  # the ratio scales what speculative candidates cost
-        forwards = self.costs.target_ms(verified) + (self.costs.draft_ms(catch_up)
-                                                     if catch_up else 0.0)
-        if plan.drafts:
-            forwards += (plan.tree_depth - 1) * self.costs.draft_ms(self.width)
-        self.ratios.append(wall_ms / forwards)
+        depth = plan.tree_depth if plan.drafts else 0
+        self.ratios.append(wall_ms / forwards_ms(self.costs, verified, depth, self.width,
+                                                 catch_up))
         del self.ratios[:-WINDOW]
 
     def slowdown(self) -> float | None:
