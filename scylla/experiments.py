@@ -19,7 +19,8 @@
           # keys: name, stage, x, y, unit, paired, filter, best_by (see ``scylla fit --help``)
 
 Stages run in ``STAGE_ORDER``; each stage's grid is expanded once per run of the stage
-before it. A grid mapping may hold ``variant`` (a label: logged as a param and carried to
+before it. A profile drops a stage that ``common`` declares with ``<stage>: false`` (a
+decode-only profile decodes a draft its params name, such as the shipped one). A grid mapping may hold ``variant`` (a label: logged as a param and carried to
 downstream runs, never passed to the stage).
 """
 from __future__ import annotations
@@ -119,6 +120,8 @@ def sweep_paths() -> list[Path]:
 
 
 def _merge(base: Any, over: Any) -> Any:
+    if over is False:  # a stage dropped by a profile
+        return False
     if isinstance(base, dict) and isinstance(over, dict):
         return {**base, **{k: _merge(base.get(k), v) for k, v in over.items()}}
     return over if over is not None else base
@@ -156,7 +159,8 @@ def _profile(path: Path, name: str, body: Any) -> Profile:
     if unknown:
         raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; allowed: "
                           f"{', '.join([*STAGE_ORDER, 'fits'])}")
-    stages = {s: _stage(where, s, body[s]) for s in STAGE_ORDER if s in body}
+    stages = {s: _stage(where, s, body[s]) for s in STAGE_ORDER
+              if s in body and body[s] is not False}
     fits = [_fit(where, i, f) for i, f in enumerate(body.get("fits") or [])]
     return Profile(name, stages, fits)
 

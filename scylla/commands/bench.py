@@ -23,6 +23,7 @@ from scylla.decoding.bench import (
     batch_sweep,
     check_methods,
     encode_prompts,
+    mean_ci,
     measure,
 )
 from scylla.decoding.forward_cost import format_forward_cost, forward_cost
@@ -60,14 +61,17 @@ def prompts_digest(prompts: list[Any]) -> str:
 
 def run_bench(spec: TargetSpec, cfg: DecodeConfig, methods: list[str], prompts: list[Any],
               draft_path: str | None = None, bench: Bench | None = None,
-              log: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
-    """Measure ``methods`` on ``prompts``; ``bench`` reuses loaded models across calls."""
+              log: Callable[[str], None] = lambda line: None, repeats: int = 1
+              ) -> dict[str, Any]:
+    """Measure ``methods`` on ``prompts`` (``repeats`` interleaved rounds); ``bench`` reuses
+    loaded models across calls."""
     check_methods(methods)
     bench = bench or load_bench(spec, draft_path)
     ids = encode_prompts(bench.target.tokenizer, prompts,
                          bench.target.model.config.max_position_embeddings, cfg.max_new_tokens)
-    reports = measure(bench, cfg, methods, ids, [p.category for p in prompts], log=log)
-    return {**describe(bench, spec, cfg, prompts, draft_path),
+    reports = measure(bench, cfg, methods, ids, [p.category for p in prompts], log=log,
+                      repeats=repeats)
+    return {**describe(bench, spec, cfg, prompts, draft_path), "repeats": repeats,
             "methods": [asdict(r) for r in reports]}
 
 
@@ -124,46 +128,75 @@ def describe_plan(plan: dict[str, Any]) -> str:
 
 def format_table(report: dict[str, Any]) -> str:
     cfg = report["config"]
+    repeats = report.get("repeats", 1)
     lines = [f"machine: {report['machine']}",
              f"target: {report['target']} ({report['dtype']}, {report['device']}), prompts: "
              f"{report['num_prompts']}, decode_batch_size: {cfg['decode_batch_size']}, "
-             f"max_new_tokens: {cfg['max_new_tokens']}, temperature: {cfg['temperature']}",
-             f"{'method':<16}{'tok/s':>8}{'speedup':>9}{'tau':>7}{'new tok':>9}"
-             f"{'fwds':>7}{'draft ms':>9}{'verify ms':>10}{'exact':>7}",
-             f"{'':<56}{'(per target forward)':>19}"]
-    for m in report["methods"]:
-        exact = {None: "-", True: "yes", False: "NO"}[m["exact_match"]]
-        sp = f"{m['speedup']:.2f}x" if m["speedup"] else "-"
+             f"max_new_tokens: {cfg['max_new_tokens']}, temperature: {cfg['temperature']}"]
+    if repeats > 1:
+        lines.append(f"{repeats} interleaved rounds: tok/s and speed-up are means with 95% "
+                     "t-intervals over rounds; the speed-up of a round is against plain of "
+                     "the same round")
+    lines += [f"{'method':<16}{'tok/s':>8}{'speedup':>9}{'tau':>7}{'new tok':>9}"
+              f"{'fwds':>7}{'draft ms':>9}{'verify ms':>10}{'exact':>7}",
+              f"{'':<56}{'(per target forward)':>19}"]
+    for method, rounds in group_rounds(report["methods"]).items():
+        m = rounds[0]
+        exact = {None: "-", True: "yes", False: "NO"}[
+            None if m["exact_match"] is None else all(r["exact_match"] for r in rounds)]
+        tps = mean_ci([r["tokens_per_s"] for r in rounds])
+        sp = (mean_ci([r["speedup"] for r in rounds]) if m["speedup"] else None)
         split, fwds = m["seconds_split"], max(1, m["target_forwards"])
         per = {part: f"{1e3 * split[part] / fwds:.1f}" if part in split else "-"
                for part in ("draft", "verify")}
-        lines.append(f"{m['method']:<16}{m['tokens_per_s']:>8.1f}{sp:>9}{m['tau']:>7.2f}"
-                     f"{m['new_tokens']:>9}{m['target_forwards']:>7}{per['draft']:>9}"
-                     f"{per['verify']:>10}{exact:>7}")
+        lines.append(f"{method:<16}{tps[0]:>8.1f}{f'{sp[0]:.2f}x' if sp else '-':>9}"
+                     f"{m['tau']:>7.2f}{m['new_tokens']:>9}{m['target_forwards']:>7}"
+                     f"{per['draft']:>9}{per['verify']:>10}{exact:>7}")
+        if len(rounds) > 1:
+            lines.append(f"    {len(rounds)} rounds: {tps[0]:.1f} [{tps[1]:.1f}, {tps[2]:.1f}] "
+                         "tok/s" + (f", speed-up {sp[0]:.2f} [{sp[1]:.2f}, {sp[2]:.2f}]x"
+                                    if sp else ""))
         if m["plan"]:
             lines.append(f"    planned: {describe_plan(m['plan'])}")
-        for mm in m["mismatches"]:
-            gap = f", logit gap {mm['logit_gap']:.4f}" if "logit_gap" in mm else ""
-            lines.append(f"    prompt {mm['prompt']}: first difference at token {mm['position']}"
-                         f"{gap}")
-    cats = sorted({c for m in report["methods"] for c in m["per_category"]})
+        for r in rounds:
+            for mm in r["mismatches"]:
+                gap = f", logit gap {mm['logit_gap']:.4f}" if "logit_gap" in mm else ""
+                where = f"round {r['repeat']}, " if len(rounds) > 1 else ""
+                lines.append(f"    {where}prompt {mm['prompt']}: first difference at token "
+                             f"{mm['position']}{gap}")
+    firsts = [rounds[0] for rounds in group_rounds(report["methods"]).values()]
+    cats = sorted({c for m in firsts for c in m["per_category"]})
     if len(cats) > 1:
         lines.append("tau per category")
         lines.append(f"{'method':<16}" + "".join(f"{c[:10]:>11}" for c in cats))
-        for m in report["methods"]:
+        for m in firsts:
             lines.append(f"{m['method']:<16}" + "".join(
                 f"{m['per_category'].get(c, {}).get('tau', float('nan')):>11.2f}" for c in cats))
     return "\n".join(lines)
 
 
+def group_rounds(reports: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """A report's method rows by method, in the order measured (one row per round)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in reports:
+        out.setdefault(r["method"], []).append(r)
+    return out
+
+
 def log_to_mlflow(report: dict[str, Any], spec: TargetSpec) -> None:
-    """One ``decode`` stage run per method, with its ``decode_metrics``."""
+    """One ``decode`` stage run per method (and round, with ``repeats``: param ``repeat``,
+    the unit a fit resamples), with its ``decode_metrics``."""
+    repeats = report.get("repeats", 1)
     for m in report["methods"]:
         params = {**as_params(spec), **report["config"], "method": m["method"],
                   "num_prompts": report["num_prompts"], "draft": report["draft"] or "",
                   "prompts": report.get("prompts", ""),
                   "prompts_sha256": report["prompts_sha256"]}
-        with stage_run("decode", params, run_name=f"bench-{m['method']}") as run:
+        name = f"bench-{m['method']}"
+        if repeats > 1:
+            params.update(repeats=repeats, repeat=m["repeat"])
+            name += f"-r{m['repeat']}"
+        with stage_run("decode", params, run_name=name) as run:
             mlflow.log_metrics(m["metrics"])
             mlflow.set_tag("machine", report["machine"])
             mlflow.log_dict(report, "bench.json")
@@ -199,6 +232,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "given.")
     parser.add_argument("--json", default=None, help="Write the full report to this file.")
     parser.add_argument("--no-mlflow", action="store_true", help="Do not log to MLflow.")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="Time the methods this many rounds, interleaved (each method once "
+                             "per round), and report means with 95%% intervals; each round is "
+                             "logged as its own run with param 'repeat'.")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0: torch's default, one per core). On a "
                              "machine shared with other jobs, 1 thread measures far steadier.")
@@ -281,6 +318,12 @@ def run(args: argparse.Namespace) -> int:
     cfg = dataclass_from_args(DecodeConfig, args)
     if args.threads < 0:
         raise ConfigError(f"--threads={args.threads}: must be >= 0")
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats={args.repeats}: must be >= 1")
+    if args.repeats > 1 and (args.sweep_batch or args.forward_cost):
+        raise ConfigError("--repeats applies to a --methods run; --sweep-batch and "
+                          "--forward-cost take one timing per cell (repeat a batch sweep with "
+                          "the theorem_1_3_batch sweep, which decodes each cell with --repeats)")
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -303,7 +346,7 @@ def run(args: argparse.Namespace) -> int:
             Path(args.json).write_text(json.dumps(report, indent=1))
         return 0
     report = run_bench(spec, cfg, methods, prompts, args.draft,
-                       log=lambda line: say(line, flush=True))
+                       log=lambda line: say(line, flush=True), repeats=args.repeats)
     report["prompts"] = args.prompts or SHAREGPT_VAL
     if not args.no_mlflow:
         log_to_mlflow(report, spec)

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
+import numpy as np
 import torch
+from scipy import stats
 
 from scylla.config import DecodeConfig
 from scylla.data.prompts import prompt_ids
@@ -47,6 +50,7 @@ class MethodReport:
     # names the output tokens, so runs on other commits or machines can be compared exactly
     tokens_sha256: str = ""
     plan: dict[str, Any] = field(default_factory=dict)  # the planner's choice (--tree auto)
+    repeat: int = 1  # the round of an interleaved, repeated measurement (``measure``)
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
@@ -141,37 +145,57 @@ def encode_prompts(tokenizer: Any, prompts: list[Any], context: int, max_new_tok
 
 def measure(bench: Bench, cfg: DecodeConfig, methods: list[str], ids: list[list[int]],
             categories: list[str], plain: DecodeResult | None = None,
-            log: Callable[[str], None] = lambda line: None) -> list[MethodReport]:
+            log: Callable[[str], None] = lambda line: None,
+            repeats: int = 1) -> list[MethodReport]:
     """Time each method on ``ids``; speed-up against ``plain`` and exactness against greedy.
 
     plain: a timed ``plain`` result on the same ids and config, when the caller has one;
-    log: sees one line per method as it finishes (progress of a long bench)."""
-    results = {}
-    for i, m in enumerate(methods, start=1):
-        results[m] = r = bench.timed(m, ids, cfg)
-        log(f"[{i}/{len(methods)}] {m}: {r.tokens_per_s:.1f} tok/s, "
-            f"tau {r.tau:.2f} ({r.seconds['total']:.0f} s)")
+    log: sees one line per method as it finishes (progress of a long bench);
+    repeats: rounds of timings, each method once per round in the order given, so a drift in
+    the machine's speed falls on every method alike. One report per method and round; its
+    speed-up is against ``plain`` of the same round (a paired ratio)."""
+    rounds: list[dict[str, DecodeResult]] = []
+    for r in range(1, repeats + 1):
+        results = {}
+        for i, m in enumerate(methods, start=1):
+            results[m] = res = bench.timed(m, ids, cfg)
+            step = f"[{r}/{repeats}] " if repeats > 1 else ""
+            log(f"{step}[{i}/{len(methods)}] {m}: {res.tokens_per_s:.1f} tok/s, "
+                f"tau {res.tau:.2f} ({res.seconds['total']:.0f} s)")
+        rounds.append(results)
     greedy = cfg.temperature == 0
-    plain = results.get("plain", plain)
-    reference = plain
+    reference = rounds[0].get("plain", plain)
     if greedy and reference is None:
         reference = bench.run_method("plain", ids, cfg)
-    base_tps = plain.tokens_per_s if plain is not None else None
     reports = []
-    for m, r in results.items():
-        tps = r.tokens_per_s
-        mism = compare(r, reference, ids, bench.hf) if greedy else []
-        exact = (not mism) if greedy else None
-        speedup = tps / base_tps if base_tps else None
-        reports.append(MethodReport(
-            method=m, tokens_per_s=tps, new_tokens=r.new_tokens,
-            target_forwards=r.target_forwards, tau=r.tau, seconds=r.seconds["total"],
-            exact_match=exact, mismatches=mism, speedup=speedup,
-            per_category=per_category(r, categories), seconds_split=dict(r.seconds),
-            metrics=decode_metrics(r, categories, speedup, exact),
-            tokens_sha256=hashlib.sha256(json.dumps(r.tokens).encode()).hexdigest(),
-            plan=dict(r.plan)))
+    for r, results in enumerate(rounds, start=1):
+        base = results.get("plain", plain)
+        base_tps = base.tokens_per_s if base is not None else None
+        for m, res in results.items():
+            tps = res.tokens_per_s
+            mism = compare(res, reference, ids, bench.hf) if greedy else []
+            exact = (not mism) if greedy else None
+            speedup = tps / base_tps if base_tps else None
+            reports.append(MethodReport(
+                method=m, tokens_per_s=tps, new_tokens=res.new_tokens,
+                target_forwards=res.target_forwards, tau=res.tau,
+                seconds=res.seconds["total"], exact_match=exact, mismatches=mism,
+                speedup=speedup, per_category=per_category(res, categories),
+                seconds_split=dict(res.seconds),
+                metrics=decode_metrics(res, categories, speedup, exact),
+                tokens_sha256=hashlib.sha256(json.dumps(res.tokens).encode()).hexdigest(),
+                plan=dict(res.plan), repeat=r))
     return reports
+
+
+def mean_ci(values: list[float], ci: float = 0.95) -> tuple[float, float, float]:
+    """Mean and Student-t interval of repeated measurements (NaN bounds for one value)."""
+    v = np.asarray(values, dtype=float)
+    mean = float(v.mean())
+    if len(v) < 2:
+        return mean, math.nan, math.nan
+    half = float(stats.t.ppf(0.5 + ci / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+    return mean, mean - half, mean + half
 
 
 def check_methods(methods: list[str]) -> None:
