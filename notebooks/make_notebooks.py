@@ -112,18 +112,41 @@ def notebooks() -> dict[str, list]:
             md(RUNS_TEXT),
             code("all_runs = sa.load_runs(EXPERIMENT, finished_only=False, latest_per_point=False)"
                  '\nsa.inventory(all_runs, axes=["decode_batch_size", "method"])'),
-            md("## Fit\nPer batch size, the tree (top-k, total tokens) with the highest "
-               "tokens/s; then its width and its speed-up over plain decoding (same run) "
-               "against ln(decode_batch_size)."),
-            code(f"{decode_tree}\ntable = sa.batch_table(runs)\ntable"),
-            code("fits = sa.sweep_fits(SWEEP, PROFILE, SIMULATED)\n"
-                 "sa.fits_table([r.fit for r in fits.values()])"),
+            md("## Cells\nEach (batch size, tree width) cell decodes the same prompts with plain "
+               "decoding and with the tree. With `repeats`, the two are timed in interleaved "
+               "rounds; a round's speed-up is the tree's tokens/s over plain's in the same "
+               "round, and the 95% t-interval is over rounds (NaN with one round). Plain "
+               "decoding is width 0, speed-up 1. `best` marks the highest mean speed-up at "
+               "each batch size."),
+            code('runs = sa.load_runs(EXPERIMENT, stage="decode")\n'
+                 "cells = sa.batch_cells(runs)\ncells"),
+            md("## Fit\nPer batch size and round: the width with the highest speed-up, or plain "
+               "decoding (width 0, speed-up 1) when no tree beats it. That width and that "
+               "speed-up are fitted against ln(decode_batch_size), bootstrapped over rounds. "
+               "The sweep file's own fits (the `fit` stage) take the best *tree* per round, "
+               "never plain decoding; they follow for comparison."),
+            code("best = sa.best_width_per_round(runs)\nfits = {\n"
+                 '    "best width (plain = 0)": sa.fit_loglinear(\n'
+                 '        best, "decode_batch_size", "best_width", unit="repeat"),\n'
+                 '    "best speed-up (plain = 1)": sa.fit_loglinear(\n'
+                 '        best, "decode_batch_size", "best_speedup", unit="repeat"),\n}\n'
+                 "sa.fits_table(list(fits.values()))"),
+            code("sweep = sa.sweep_fits(SWEEP, PROFILE, SIMULATED)\n"
+                 "sa.fits_table([r.fit for r in sweep.values()])"),
             md("## Figure"),
-            code('sa.plot_theorem_1_3(runs, fits["best_width_vs_batch"].fit);'),
-            code('sa.save_points(table, POINTS_DIR, "theorem_1_3")'),
+            code('sa.plot_theorem_1_3(runs, fits["best width (plain = 0)"]);'),
+            code('sa.save_points(cells, POINTS_DIR, "theorem_1_3")'),
+            md("## Cost model\nA tree's speed-up predicted as τ · c(1) / (c(w + 1) + f · d(k)): "
+               "τ and f (draft forwards per step) measured per width at batch 1, c and d the "
+               "target's and the draft's forward cost at the cell's batch size, from "
+               "`scylla bench --draft default --forward-cost 1,2,3,5,9,17 "
+               "--decode-batch-size B` runs (MLflow experiment `scylla`). Then the same model "
+               "on a GPU's roofline: a simulation, not a measurement. See "
+               "`scylla/analysis/costmodel.py`."),
+            code("cpu, gpu, note = sa.cost_model(runs)\ndisplay(Markdown(note))\n"
+                 "if gpu is not None:\n    sa.plot_cost_model(cpu, gpu);"),
             md("## Verdict\nWritten from the numbers above when the notebook runs."),
-            code('display(Markdown(sa.verdict_law("theorem_1_3", '
-                 '{n: r.fit for n, r in fits.items()}, all_runs)))'),
+            code('display(Markdown(sa.verdict_law("theorem_1_3", fits, all_runs)))'),
         ],
         "figure_2": [
             md(f"# {CLAIMS['figure_2'].title}"), md(claim_markdown("figure_2")),

@@ -20,8 +20,9 @@
 
 Stages run in ``STAGE_ORDER``; each stage's grid is expanded once per run of the stage
 before it. A profile drops a stage that ``common`` declares with ``<stage>: false`` (a
-decode-only profile decodes a draft its params name, such as the shipped one). A grid mapping may hold ``variant`` (a label: logged as a param and carried to
-downstream runs, never passed to the stage).
+decode-only profile decodes a draft its params name, such as the shipped one). A grid
+mapping may hold ``variant`` (a label: logged as a param and carried to downstream runs,
+never passed to the stage).
 """
 from __future__ import annotations
 

@@ -69,6 +69,24 @@ def test_a_bent_curve_fails_the_extrapolation_check():
     df.loc[big, "val/tau_chain"] -= 0.5  # a plateau at the largest budget
     fit = sa.fit_loglinear(df, "train_tokens", "val/tau_chain", unit="seed")
     assert fit.extrap_error < -0.4 and fit.extrap_within_ci is False
+    # a clear slope and a high R² are not enough for "Supported" when the law misses its end
+    df.loc[big, "val/tau_chain"] += 0.44  # a bend of 0.06
+    fit = sa.fit_loglinear(df, "train_tokens", "val/tau_chain", unit="seed")
+    assert fit.slope_excludes_zero and fit.r2 >= 0.95 and fit.extrap_within_ci is False
+    head = sa.verdict_law("theorem_1_1", {"tau": fit}, df).splitlines()[1]
+    assert head.startswith("**Partly supported**") and "does not predict" in head
+
+
+def test_run_level_r2_measures_the_line_against_every_run_not_the_means():
+    df = law_frame(noise=0.1, rng_seed=5)
+    fit = sa.fit_loglinear(df, "train_tokens", "val/tau_chain", unit="seed")
+    y = df["val/tau_chain"].to_numpy()
+    resid = y - fit.predict(df["train_tokens"].to_numpy())
+    assert fit.r2_runs == pytest.approx(1 - (resid ** 2).sum() / ((y - y.mean()) ** 2).sum())
+    assert fit.r2_runs < fit.r2  # the seeds' spread around their mean is not explained
+    assert fit.metrics()["law/r2_runs"] == pytest.approx(fit.r2_runs)
+    assert f"{fit.r2_runs:.3f} on the runs themselves" in sa.verdict_law(
+        "theorem_1_1", {"tau": fit}, df)
 
 
 def test_without_replicates_the_ci_is_nan_not_zero_width():
@@ -280,24 +298,58 @@ def test_verdicts_name_the_target_and_machine_the_runs_recorded():
     assert "smollm2 measured on x86_64 2 cores" in sa.verdict_law("theorem_1_1", fit, runs)
 
 
-def test_batch_table_picks_the_fastest_tree_per_batch():
-    runs = pd.DataFrame({"decode_batch_size": [1, 1, 8, 8], "tree_top_k": [4, 1, 4, 1],
-                         "tree_total_tokens": [16, 4, 16, 4],
-                         "decode/tokens_per_s": [30, 20, 50, 80]})
-    table = sa.batch_table(runs)
-    assert table["tree_total_tokens"].tolist() == [16, 4]
-    fit = sa.fit_loglinear(table, "decode_batch_size", "tree_total_tokens")
-    assert fit.slope < 0
-    per_width, best = sa.plot_theorem_1_3(runs, fit).axes
-    assert (per_width.get_xlabel(), per_width.get_ylabel()) == ("decode_batch_size",
-                                                               "decode/tokens_per_s")
-    widths = [t.get_text() for t in per_width.get_legend().get_texts()]
-    assert widths == ["4", "16"]  # a line per width, through its runs
-    for width, line in zip(widths, [ln for ln in per_width.lines if len(ln.get_xdata())]):
-        part = runs[runs["tree_total_tokens"] == int(width)].sort_values("decode_batch_size")
-        assert line.get_xydata().tolist() == part[["decode_batch_size",
-                                                   "decode/tokens_per_s"]].to_numpy().tolist()
-    check_law_panel(best, table, fit)
+def batch_frame():
+    """Theorem 1.3 runs: batch 1 and 8, trees of 1 and 4 tokens, two timed rounds per cell,
+    each tree run beside the plain run of its round."""
+    speedups = {(1, 1): [1.2, 1.4], (1, 4): [0.9, 1.1], (8, 1): [0.8, 0.9], (8, 4): [0.5, 0.6]}
+    rows = []
+    for (batch, width), values in speedups.items():
+        for repeat, sp in enumerate(values, start=1):
+            cell = {"decode_batch_size": batch, "tree_total_tokens": width, "repeat": repeat}
+            rows.append({**cell, "method": "tree", "decode/speedup": sp,
+                         "decode/tokens_per_s": 10 * sp, "decode/tau": 1.5})
+            rows.append({**cell, "method": "plain", "decode/speedup": 1.0,
+                         "decode/tokens_per_s": 10.0, "decode/tau": 1.0})
+    return pd.DataFrame(rows)
+
+
+def test_batch_cells_put_plain_at_width_0_and_give_each_cell_its_interval_over_rounds():
+    cells = sa.batch_cells(batch_frame()).set_index(["decode_batch_size", "tree_total_tokens"])
+    one = cells.loc[(1, 1)]
+    half = 12.7062 * 0.1  # t(0.975, 1) * sd(1.2, 1.4) / sqrt(2)
+    assert one["rounds"] == 2 and one["speedup"] == pytest.approx(1.3)
+    assert (one["speedup_ci_low"], one["speedup_ci_high"]) == pytest.approx(
+        (1.3 - half, 1.3 + half), rel=1e-4)
+    plain = cells.loc[(8, 0)]
+    assert plain["rounds"] == 4 and plain["speedup"] == 1.0 and plain["tau"] == 1.0
+    best = cells[cells["best"]].index.tolist()
+    assert best == [(1, 1), (8, 0)]  # no tree beats plain at batch 8
+
+
+def test_best_width_per_round_is_plain_when_no_tree_wins_and_the_figure_shows_it():
+    runs = batch_frame()
+    best = sa.best_width_per_round(runs)
+    assert best.values.tolist() == [[1, 1, 1, 1.2], [1, 2, 1, 1.4], [8, 1, 0, 1.0],
+                                    [8, 2, 0, 1.0]]
+    fit = sa.fit_loglinear(best, "decode_batch_size", "best_width", unit="repeat")
+    assert fit.slope == pytest.approx(-1 / math.log(8))
+    per_width, panel = sa.plot_theorem_1_3(runs, fit).axes
+    labels = [t.get_text() for t in per_width.get_legend().get_texts()]
+    assert labels == ["plain decoding", "1 tokens", "4 tokens"]
+    for bars_of, width in zip(per_width.containers, (1, 4)):
+        assert bars_of.lines[0].get_ydata().tolist() == pytest.approx(
+            [np.mean(v) for k, v in {(1, 1): [1.2, 1.4], (1, 4): [0.9, 1.1],
+                                     (8, 1): [0.8, 0.9], (8, 4): [0.5, 0.6]}.items()
+             if k[1] == width])
+    check_law_panel(panel, best, fit)
+    # no tree beats plain decoding anywhere: the best width is 0 at every batch size, a flat
+    # law, which is not the claimed narrowing
+    slow = runs.assign(**{"decode/speedup": runs["decode/speedup"].where(
+        runs["method"] == "plain", 0.5)})
+    flat = sa.fit_loglinear(sa.best_width_per_round(slow), "decode_batch_size", "best_width",
+                            unit="repeat")
+    text = sa.verdict_law("theorem_1_3", {"width": flat}, slow)
+    assert flat.slope == 0 and "**Not supported**" in text and "the law is flat" in text
 
 
 def test_law_figures_plot_every_run_and_the_fitted_law(tmp_path):
@@ -382,3 +434,57 @@ def test_fit_stage_without_runs_is_a_clear_error(mlflow_store, capsys):
 
     assert main(["fit", "--experiment", "nothing", "--x", "a", "--y", "b", "--no-mlflow"]) == 2
     assert "no finished 'train' runs in experiment 'nothing'" in capsys.readouterr().err
+
+
+def test_the_roofline_is_flat_until_the_flops_knee():
+    roof = sa.A100_8B
+    read = 1e3 * 8.0e9 * 2 / 2.039e12  # ms to stream 16 GB of bf16 weights
+    assert roof.target_ms(1, 1) == pytest.approx(read)
+    assert roof.target_ms(8, 16) == pytest.approx(read)  # 128 tokens: still bandwidth-bound
+    assert roof.target_ms(64, 16) == pytest.approx(1e3 * 2 * 8.0e9 * 1024 / 312e12)
+
+
+def shipped_cells():
+    """Tree cells at batch 1 and 4 with their counts, as the shipped sweep logs them."""
+    rows = []
+    for batch, sp in ((1, 1.2), (4, 0.8)):
+        for width, k, tau in ((1, 1, 1.3), (4, 2, 1.6)):
+            rows.append({"method": "tree", "decode_batch_size": batch, "tree_total_tokens": width,
+                         "tree_top_k": k, "decode/tau": tau, "decode/speedup": sp,
+                         "decode/draft_forwards": 200, "decode/target_forwards": 100,
+                         "target": "tiny"})
+    return pd.DataFrame(rows)
+
+
+def test_cost_model_predicts_from_the_logged_forward_costs(mlflow_store):
+    """Forward costs logged as `scylla bench --forward-cost` logs them (a metric per k), read
+    back per batch size and interpolated in k: at batch 1, a 1-token tree's step is a 2-token
+    target forward (interpolated between k=1 and k=3) plus 2 draft forwards of 1 token."""
+    for batch, base in ((1, 10.0), (4, 20.0)):
+        with tracking.stage_run("forward_cost", {"target": "tiny", "decode_batch_size": batch}):
+            for k in (1, 3, 5):
+                mlflow.log_metric("forward_cost/target_ms", base + k, step=k)
+                mlflow.log_metric("forward_cost/draft_ms", 1.0 * k, step=k)
+    costs = sa.forward_costs(target="tiny")
+    assert costs[costs["decode_batch_size"] == 4]["target_ms"].tolist() == [21, 23, 25]
+    cpu, gpu, note = sa.cost_model(shipped_cells())
+    one = cpu.set_index(["decode_batch_size", "tree_total_tokens"]).loc[(1, 1)]
+    assert one["predicted"] == pytest.approx(1.3 * 11 / (12 + 2 * 1.0))
+    wide = cpu.set_index(["decode_batch_size", "tree_total_tokens"]).loc[(4, 4)]
+    assert wide["predicted"] == pytest.approx(1.6 * 21 / (25 + 2 * 2.0))
+    assert wide["measured"] == 0.8
+    assert "measured ÷ predicted speed-up has median" in note and "Simulation" in note
+    assert set(gpu["decode_batch_size"]) >= {1, 256}
+    fig = sa.plot_cost_model(cpu, gpu)
+    assert len(fig.axes) == 3  # the scatter, the simulation and its twin axis
+
+
+def test_cost_model_names_what_is_missing(mlflow_store):
+    cpu, gpu, note = sa.cost_model(shipped_cells().drop(columns="decode/draft_forwards"))
+    assert cpu is gpu is None and "lack decode/draft_forwards" in note
+    cpu, gpu, note = sa.cost_model(shipped_cells())  # no forward-cost runs in the store
+    assert cpu is None and gpu is not None and "No CPU prediction" in note
+    best = sa.costmodel.best_predicted(pd.DataFrame(
+        {"decode_batch_size": [1, 1, 8], "tree_total_tokens": [1, 4, 1],
+         "predicted": [1.1, 1.3, 0.7]}))
+    assert best.values.tolist() == [[1, 4, 1.3], [8, 0, 1.0]]

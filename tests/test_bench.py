@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict
 from types import SimpleNamespace
@@ -11,11 +12,18 @@ import torch
 from decoding_fixtures import random_draft
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from scylla.commands.bench import format_sweep, format_table
+from scylla.commands.bench import format_sweep, format_table, log_to_mlflow
 from scylla.commands.cli import main
-from scylla.config import DecodeConfig
+from scylla.config import DecodeConfig, TargetSpec, as_params
 from scylla.data.prompts import Prompt
-from scylla.decoding.bench import Bench, batch_sweep, compare, encode_prompts, measure
+from scylla.decoding.bench import (
+    Bench,
+    batch_sweep,
+    compare,
+    encode_prompts,
+    mean_ci,
+    measure,
+)
 from scylla.decoding.forward_cost import format_forward_cost, forward_cost
 from scylla.decoding.result import DecodeResult, RowStats
 from scylla.errors import DataError
@@ -99,6 +107,61 @@ def test_a_method_whose_tokens_differ_from_plain_is_reported_where_they_differ(t
     # the gap is the target's at the reference's context: plain greedy took its top-1 token
     assert row["target_top2"][0] == spot["reference_token"] and row["logit_gap"] >= 0
     assert by["hf"].tokens_sha256 != by["plain"].tokens_sha256
+
+
+def test_repeats_interleave_the_methods_and_pair_each_round_with_its_own_plain(tiny_bench):
+    """The machine slows down 3x in round 2: a speed-up against another round's plain would
+    move, the paired one does not; rounds run each method once, in the order given."""
+    ids = [[1, 5, 6, 7], [1, 20, 21]]
+    clock = {"plain": iter([1.0, 3.0, 2.0]), "hf": iter([0.5, 1.5, 1.0])}
+    order = []
+    bench = Bench(tiny_bench.target, tiny_bench.draft, tiny_bench.hf)
+
+    def timed(method, ids, cfg):
+        order.append(method)
+        result = Bench.timed(bench, method, ids, cfg)
+        result.seconds["total"] = next(clock[method])
+        return result
+
+    bench.timed = timed
+    cfg = DecodeConfig(max_new_tokens=6)
+    lines = []
+    reports = measure(bench, cfg, ["plain", "hf"], ids, ["a", "b"], log=lines.append,
+                      repeats=3)
+    assert order == ["plain", "hf"] * 3
+    assert lines[2].startswith("[2/3] [1/2] plain")
+    assert [(r.method, r.repeat) for r in reports] == [
+        ("plain", 1), ("hf", 1), ("plain", 2), ("hf", 2), ("plain", 3), ("hf", 3)]
+    hf = [r for r in reports if r.method == "hf"]
+    assert [r.speedup for r in hf] == pytest.approx([2.0, 2.0, 2.0])
+    assert all(r.exact_match for r in reports)
+    text = format_table({"machine": "m", "target": "tiny", "dtype": "float32", "device": "cpu",
+                         "num_prompts": 2, "config": asdict(cfg), "repeats": 3,
+                         "methods": [asdict(r) for r in reports]})
+    assert "3 interleaved rounds" in text and "speed-up 2.00 [2.00, 2.00]x" in text
+    methods_table = text.split("tau per category")[0]
+    assert methods_table.count("\nhf ") == 1  # one row per method, not per round
+
+
+def test_each_round_is_logged_as_its_own_run_named_by_its_repeat(tiny_bench):
+    import mlflow
+
+    cfg = DecodeConfig(max_new_tokens=4)
+    reports = measure(tiny_bench, cfg, ["plain"], [[1, 4, 5], [1, 6]], ["a", "a"], repeats=2)
+    report = {"machine": "m", "config": as_params(cfg), "num_prompts": 2, "draft": None,
+              "prompts": "p.jsonl", "prompts_sha256": "0" * 64, "repeats": 2,
+              "methods": [asdict(r) for r in reports]}
+    log_to_mlflow(report, TargetSpec())
+    runs = mlflow.search_runs(search_all_experiments=True)
+    assert sorted(runs["params.repeat"]) == ["1", "2"]
+    assert set(runs["params.repeats"]) == {"2"} and set(runs["params.method"]) == {"plain"}
+
+
+def test_mean_ci_is_the_student_t_interval():
+    mean, low, high = mean_ci([1.0, 2.0, 3.0])
+    half = 4.302653 / math.sqrt(3)  # t(0.975, 2) * sd 1 / sqrt(n)
+    assert (mean, low, high) == pytest.approx((2.0, 2.0 - half, 2.0 + half), rel=1e-6)
+    assert math.isnan(mean_ci([5.0])[1])
 
 
 def test_mismatch_is_reported_with_its_logit_gap(tiny_bench):
@@ -194,6 +257,11 @@ def test_unknown_method_and_target_are_named(capsys, tmp_path):
     assert main(["bench", "--prompts", str(path), "--num-prompts", "1", "--target",
                  "no-such-model", "--no-mlflow"]) == 2
     assert "unknown target 'no-such-model'" in capsys.readouterr().err
+    assert main(["bench", "--prompts", str(path), "--repeats", "0", "--no-mlflow"]) == 2
+    assert "--repeats=0: must be >= 1" in capsys.readouterr().err
+    assert main(["bench", "--prompts", str(path), "--repeats", "3", "--sweep-batch", "1,2",
+                 "--no-mlflow"]) == 2
+    assert "--repeats applies to a --methods run" in capsys.readouterr().err
 
 
 @pytest.mark.real

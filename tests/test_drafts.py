@@ -6,7 +6,7 @@ import torch
 from drafts_fixtures import tiny_target
 
 from scylla.drafts import DraftModel, draft_spec, instantiate, load_draft, save_draft
-from scylla.drafts.objective import chain_counts, objective, tau_chain
+from scylla.drafts.objective import chain_counts, objective, replay, survival, tau_chain
 from scylla.drafts.unroll import unroll
 from scylla.drafts.vocab import build_d2t, t2d_of, token_counts
 from scylla.errors import ConfigError, DataError, DraftMismatchError
@@ -143,6 +143,24 @@ def test_tau_chain_is_one_plus_the_sum_of_chain_survival():
     assert tau_chain([10, 10, 10], 10) == 4.0
     # acc_1 = 0.8, acc_2 = 0.5, acc_3 = 0.5: tau = 1 + 0.8 + 0.4 + 0.2
     assert tau_chain([8, 4, 2], 10) == pytest.approx(2.4)
+
+
+def test_replayed_chain_decoding_spends_its_forwards_where_acceptance_is_low():
+    """An easy stretch (4, 3, 2, 1 accepted) then a hard one (0s): the mean over positions
+    (tau_chain) is 2.0, but decoding crosses the easy stretch in one forward and needs one per
+    token on the hard one: 10 tokens in 6 forwards."""
+    starts = torch.ones(1, 10, dtype=torch.bool)
+    accepted = torch.tensor([[4, 3, 2, 1, 0, 0, 0, 0, 0, 0]])
+    gamma = 4
+    n, chains = survival(starts, accepted, gamma)
+    assert (n, chains) == (10, [4, 3, 2, 1]) and tau_chain(chains, n) == 2.0
+    assert replay(starts, accepted) == (10, 6)
+    # the same acceptance spread evenly along the text: both are the same
+    even = torch.ones(1, 10, dtype=torch.long)
+    assert replay(starts, even) == (10, 5) and tau_chain(survival(starts, even, gamma)[1], 10) == 2
+    # a position outside the loss mask starts no chain and is stepped over
+    starts[0, 6:8] = False
+    assert replay(starts, accepted * starts) == (8, 4)
 
 
 @torch.no_grad()

@@ -74,3 +74,38 @@ def test_every_notebook_runs_on_the_quick_profile_store(mlflow_store, tmp_path):
         "table_5"}
     headline = (report / "points" / "headline.md").read_text()
     assert "val/tau_chain ~ ln(train_tokens)" in headline and "| scylla |" in headline
+
+
+VERDICT_WORDS = ("Supported", "Provisionally supported", "Partly supported", "Not supported")
+
+
+def rendered_verdict(profile: str, claim_key: str) -> str:
+    """The verdict word of a committed rendered notebook (profile ``paper`` at the top of
+    notebooks/report/, other profiles in their own folder)."""
+    folder = ROOT / "notebooks" / "report" / ("" if profile == "paper" else profile)
+    text = re.sub(r"<[^>]+>", "", (folder / f"{claim_key}.html").read_text())
+    words = re.findall(r"Verdict: [^\n]*?(" + "|".join(VERDICT_WORDS) + r"): ", text)
+    assert words, f"{folder / claim_key}.html has no verdict"
+    return words[0]
+
+
+def test_the_readme_quotes_the_verdicts_its_notebooks_compute():
+    """Every verdict word in the README's results table (the last column, and any
+    "`profile`: Verdict" in the row) is the one the rendered notebook of that profile shows."""
+    from scylla.analysis.claims import CLAIMS
+
+    keys = {c.title: key for key, c in CLAIMS.items()}
+    readme = (ROOT / "README.md").read_text()
+    checked = 0
+    for line in readme.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 5 or cells[0] not in keys:
+            continue
+        key, profile = keys[cells[0]], cells[3].strip("`")
+        quoted = [(profile, cells[4])] + re.findall(
+            r"`(\w+)`: (" + "|".join(VERDICT_WORDS) + ")", cells[2])
+        for prof, word in quoted:
+            if word in VERDICT_WORDS:
+                assert rendered_verdict(prof, key) == word, f"README {cells[0]} ({prof})"
+                checked += 1
+    assert checked >= 4

@@ -18,7 +18,7 @@ from sweep_fixtures import TINY
 
 from scylla import store
 from scylla.commands.mlproject import parse_pairs, stage_entry
-from scylla.errors import ConfigError
+from scylla.errors import ConfigError, DataError
 from scylla.experiments import load_sweep, sweep_paths
 from scylla.pipeline import machine, reuse, stages, tracking
 from scylla.pipeline import owner as process_owner
@@ -54,6 +54,14 @@ def test_the_four_sweep_files_cover_what_the_issue_asks():
     t13 = load_sweep("theorem_1_3_batch")
     assert axis(t13, "paper", "decode", "decode_batch_size") == [1, 2, 4, 8, 16, 32]
     assert len(axis(t13, "paper", "decode", "tree_total_tokens")) >= 3
+    # the redo: the shipped draft, decode only, timed rounds per cell, fits resampling rounds
+    shipped = t13.profile("shipped")
+    assert set(shipped.stages) == {"decode"}
+    (point, *_) = shipped.stages["decode"].points()
+    assert point.params["draft"] == "default" and point.params["prompts"] == "spec-bench"
+    assert point.params["repeats"] >= 3
+    assert axis(t13, "shipped", "decode", "tree_total_tokens")[0] == 1
+    assert {f["unit"] for f in shipped.fits} == {"repeat"}
     base = load_sweep("baselines")
     for profile in ("quick", "paper"):
         drafts = {p.labels["variant"]: p.params
@@ -106,6 +114,20 @@ def test_grid_expansion_zipped_axes_and_labels(tmp_path):
     assert points[2].params == {"kind": "scylla", "lr": 0.001, "draft_n_layer": 2, "seed": 0}
     assert "variant" not in points[0].params
     assert points[3].describe() == "variant=b draft_n_layer=2 seed=1"
+
+
+def test_a_profile_drops_a_stage_that_common_declares(tmp_path):
+    spec = load_sweep(write_sweep(tmp_path, """
+        name: tiny
+        common: {train: {params: {kind: scylla}}, decode: {params: {methods: plain}}}
+        profiles:
+          full: {}
+          decode_only: {train: false, decode: {params: {draft: default}}}
+    """))
+    assert set(spec.profile("full").stages) == {"train", "decode"}
+    only = spec.profile("decode_only").stages
+    assert set(only) == {"decode"}
+    assert only["decode"].points()[0].params == {"methods": "plain", "draft": "default"}
 
 
 @pytest.mark.parametrize("body, message", [
@@ -430,3 +452,8 @@ def test_a_stage_under_a_driver_leaves_its_report_to_the_driver(capsys):
     with paths.environment({tracking.CONTEXT_ENV: json_module.dumps({"experiment": "e"})}):
         say("under a driver")
     assert capsys.readouterr().out == "by hand\n"
+
+
+def test_a_simulated_sweep_refuses_the_real_shipped_draft_by_name(mlflow_store):
+    with pytest.raises(DataError, match="--draft default names the real shipped draft"):
+        run_sweep(load_sweep("theorem_1_3_batch"), "shipped", simulate=True, log=lambda s: None)

@@ -14,9 +14,17 @@ from scylla.analysis.claims import (
                                     verdict_law,
                                     verdict_table_5,
 )
+from scylla.analysis.costmodel import (
+                                    A100_8B,
+                                    Roofline,
+                                    cost_model,
+                                    forward_costs,
+                                    plot_cost_model,
+)
 from scylla.analysis.fit import LawFit, fit_loglinear, fits_table
 from scylla.analysis.plots import (
-                                    batch_table,
+                                    batch_cells,
+                                    best_width_per_round,
                                     plot_chain_steps,
                                     plot_figure_2,
                                     plot_law,
@@ -46,7 +54,9 @@ from scylla.analysis.sweeps import (
 from scylla.experiments import experiment_name
 
 __all__ = [
-    "CLAIMS", "batch_table", "best_per", "category_table", "chain_steps", "chain_steps_note",
+    "A100_8B", "Roofline", "cost_model", "forward_costs", "plot_cost_model",
+    "CLAIMS", "batch_cells", "best_per", "best_width_per_round",
+    "category_table", "chain_steps", "chain_steps_note",
     "claim_markdown", "experiment_name", "fit_loglinear", "FitResult", "fits_table",
     "headline_markdown", "inventory", "LawFit", "load_runs", "loss_note", "overview",
     "per_category", "plot_chain_steps", "plot_figure_2", "plot_law", "plot_table_5",

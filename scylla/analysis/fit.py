@@ -54,6 +54,9 @@ class LawFit:
     extrap_error: float = math.nan
     extrap_error_ci: tuple[float, float] = (math.nan, math.nan)
     group: dict[str, Any] = field(default_factory=dict)
+    # the same line against every run rather than the mean per x (``r2``): how much of the
+    # runs' own spread the law explains (NaN for ratio points, which have no per-run y)
+    r2_runs: float = math.nan
 
     def predict(self, x: Any) -> Any:
         return self.intercept + self.slope * np.log(x)
@@ -80,7 +83,7 @@ class LawFit:
         m = {"slope": self.slope, "intercept": self.intercept, "r2": self.r2,
              "slope_ci_low": self.slope_ci[0], "slope_ci_high": self.slope_ci[1],
              "intercept_ci_low": self.intercept_ci[0], "intercept_ci_high": self.intercept_ci[1],
-             "n_points": self.n_points, "n_rows": self.n_rows,
+             "r2_runs": self.r2_runs, "n_points": self.n_points, "n_rows": self.n_rows,
              "extrap_x": self.extrap_x, "extrap_measured": self.extrap_measured,
              "extrap_predicted": self.extrap_predicted, "extrap_error": self.extrap_error,
              "extrap_error_ci_low": self.extrap_error_ci[0],
@@ -93,7 +96,8 @@ class LawFit:
         """One row for a table of fits."""
         return {**self.group, "x": self.x, "y": self.y, "slope": self.slope,
                 "slope_ci_low": self.slope_ci[0], "slope_ci_high": self.slope_ci[1],
-                "intercept": self.intercept, "r2": self.r2, "n_points": self.n_points,
+                "intercept": self.intercept, "r2": self.r2, "r2_runs": self.r2_runs,
+                "n_points": self.n_points,
                 "n_rows": self.n_rows, "extrap_error": self.extrap_error,
                 "extrap_within_ci": self.extrap_within_ci}
 
@@ -229,13 +233,24 @@ def fit_loglinear(df: pd.DataFrame, x: str, y: str, group: str | list[str] | Non
                            "y_low": [c[0] for c in point_ci],
                            "y_high": [c[1] for c in point_ci]})
     slope, intercept = float(reg.coef_[0]), float(reg.intercept_)
+
+    def fit_line(v: pd.Series) -> np.ndarray:
+        return intercept + slope * np.log(v.to_numpy(dtype=float))
+
     fit = LawFit(x=x, y=y, slope=slope, intercept=intercept, r2=r2, n_points=len(levels),
                  n_rows=len(rows), slope_ci=_quantiles(slopes, ci, slope, widen),
                  intercept_ci=_quantiles(intercepts, ci, intercept, widen), ci=ci,
-                 points=points)
+                 points=points, r2_runs=math.nan if ratio else _r2(rows[x], rows[y], fit_line))
     if len(levels) >= 3:
         _extrapolate(fit, levels, point_y, samples, ci, widen)
     return fit
+
+
+def _r2(xs: pd.Series, ys: pd.Series, line: Any) -> float:
+    """R² of ``line`` against the rows themselves (NaN when they do not vary)."""
+    y = ys.to_numpy(dtype=float)
+    total = float(((y - y.mean()) ** 2).sum())
+    return 1 - float(((y - line(xs)) ** 2).sum()) / total if total > 0 else math.nan
 
 
 def _extrapolate(fit: LawFit, levels: np.ndarray, point_y: np.ndarray, samples: np.ndarray,

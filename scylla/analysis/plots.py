@@ -10,10 +10,11 @@ import numpy as np
 import pandas as pd
 
 from scylla.analysis.fit import LawFit
-from scylla.analysis.runs import best_per, category_table, chain_steps
+from scylla.analysis.runs import category_table, chain_steps
+from scylla.decoding.bench import mean_ci
 
 
-def _figure(ncols: int = 1, width: float = 5.5) -> tuple[Any, list[Any]]:
+def axes_figure(ncols: int = 1, width: float = 5.5) -> tuple[Any, list[Any]]:
     import matplotlib.pyplot as plt
     import seaborn as sns
 
@@ -63,7 +64,7 @@ def law_panel(ax: Any, runs: pd.DataFrame, fit: LawFit, hue: str | None = None,
 def plot_law(runs: pd.DataFrame, fit: LawFit, hue: str | None = None,
              title: str | None = None) -> Any:
     """Any fitted law (what ``scylla fit`` saves as ``figure.png``)."""
-    fig, (ax,) = _figure()
+    fig, (ax,) = axes_figure()
     law_panel(ax, runs, fit, hue=hue)
     ax.set_title(title or f"{fit.y} vs ln({fit.x})")
     fig.tight_layout()
@@ -79,7 +80,7 @@ def plot_theorem_1_1(runs: pd.DataFrame, fit: LawFit) -> Any:
 
 def plot_theorem_1_2(runs: pd.DataFrame, fit_layers: LawFit, fit_params: LawFit) -> Any:
     """Theorem 1.2: τ against draft depth and against draft parameter count."""
-    fig, (a, b) = _figure(2)
+    fig, (a, b) = axes_figure(2)
     law_panel(a, runs, fit_layers, hue="seed" if "seed" in runs.columns else None)
     a.set_title("Theorem 1.2: acceptance vs draft layers")
     law_panel(b, runs, fit_params, hue="seed" if "seed" in runs.columns else None)
@@ -95,7 +96,7 @@ def plot_chain_steps(runs: pd.DataFrame, x: str) -> Any:
     import seaborn as sns
 
     steps = chain_steps(runs, keep=[x])
-    fig, (a, b) = _figure(2)
+    fig, (a, b) = axes_figure(2)
     for ax, y, title in ((a, "alpha", "acceptance at step i, given steps < i accepted"),
                          (b, "reach", "P(steps 1..i all accepted); τ = 1 + Σ")):
         sns.lineplot(data=steps, x=x, y=y, hue="step", marker="o", palette="crest", ax=ax,
@@ -108,33 +109,72 @@ def plot_chain_steps(runs: pd.DataFrame, x: str) -> Any:
     return fig
 
 
-def batch_table(runs: pd.DataFrame, metric: str = "decode/tokens_per_s",
-                width: str = "tree_total_tokens") -> pd.DataFrame:
-    """Theorem 1.3 table: per batch size, the best tree (by ``metric``) and its numbers."""
-    best = best_per(runs, ["decode_batch_size"], metric)
-    cols = [c for c in ("decode_batch_size", "tree_top_k", width, metric, "decode/speedup",
-                        "decode/tau") if c in best.columns]
-    return best[list(dict.fromkeys(cols))].sort_values("decode_batch_size").reset_index(drop=True)
+BATCH, WIDTH = "decode_batch_size", "tree_total_tokens"
+
+
+def batch_cells(runs: pd.DataFrame, width: str = WIDTH) -> pd.DataFrame:
+    """Theorem 1.3 cell by cell, plain decoding as width 0: per batch size and width the
+    timed rounds, mean tokens/s, the mean paired speed-up over plain with its 95% t-interval
+    over rounds (NaN with one round), and τ; ``best`` marks each batch size's highest mean
+    speed-up (plain's is 1 by definition). ``runs``: the sweep's plain and tree runs."""
+    rows = []
+    for method, keys in (("tree", [BATCH, width]), ("plain", [BATCH])):
+        part = runs[runs["method"] == method]
+        for key, cell in part.groupby(keys):
+            b, w = (key if method == "tree" else (key[0], 0))
+            sp = (mean_ci(cell["decode/speedup"].tolist()) if method == "tree"
+                  else (1.0, 1.0, 1.0))
+            rows.append({BATCH: int(b), width: int(w), "rounds": len(cell),
+                         "tokens_per_s": cell["decode/tokens_per_s"].mean(), "speedup": sp[0],
+                         "speedup_ci_low": sp[1], "speedup_ci_high": sp[2],
+                         "tau": cell["decode/tau"].mean()})
+    cells = pd.DataFrame(rows).sort_values([BATCH, width]).reset_index(drop=True)
+    cells["best"] = cells["speedup"] == cells.groupby(BATCH)["speedup"].transform("max")
+    return cells
+
+
+def best_width_per_round(runs: pd.DataFrame, width: str = WIDTH) -> pd.DataFrame:
+    """Per batch size and timed round, the width with the highest paired speed-up: plain
+    decoding (width 0, speed-up 1) when no tree beats it in that round. Rows ``BATCH,
+    repeat, best_width, best_speedup``, to fit with ``unit="repeat"``; runs without rounds
+    are round 1."""
+    tree = runs[runs["method"] == "tree"]
+    rounds = tree["repeat"] if "repeat" in tree.columns else pd.Series(1, index=tree.index)
+    rows = []
+    for (b, r), g in tree.groupby([tree[BATCH], rounds.fillna(1)]):
+        top = g.loc[g["decode/speedup"].idxmax()]
+        wins = top["decode/speedup"] > 1
+        rows.append({BATCH: int(b), "repeat": int(r),
+                     "best_width": int(top[width]) if wins else 0,
+                     "best_speedup": float(top["decode/speedup"]) if wins else 1.0})
+    return pd.DataFrame(rows)
 
 
 def plot_theorem_1_3(runs: pd.DataFrame, fit_width: LawFit | None = None,
-                     metric: str = "decode/tokens_per_s",
-                     width: str = "tree_total_tokens") -> Any:
-    """Theorem 1.3: throughput per tree width against batch size, and the best width."""
-    import seaborn as sns
-
-    fig, (a, b) = _figure(2)
-    sns.lineplot(data=runs, x="decode_batch_size", y=metric, hue=width, marker="o",
-                 palette="viridis", ax=a, errorbar=None)
-    a.set_xscale("log", base=2)
-    a.set_title("Theorem 1.3: throughput per tree width")
+                     width: str = WIDTH) -> Any:
+    """Theorem 1.3: the mean speed-up over plain per tree width against batch size (95%
+    intervals over rounds; plain = 1), and the best width per batch size (plain = 0)."""
+    cells = batch_cells(runs, width)
+    fig, (a, b) = axes_figure(2)
+    trees = cells[cells[width] > 0]
+    for i, (w, part) in enumerate(trees.groupby(width)):
+        err = np.vstack([part["speedup"] - part["speedup_ci_low"],
+                         part["speedup_ci_high"] - part["speedup"]])
+        a.errorbar(part[BATCH], part["speedup"], capsize=3, marker="o", color=f"C{i}",
+                   yerr=None if np.isnan(err).all() else np.abs(err), label=f"{w} tokens")
+    a.axhline(1.0, color="black", lw=1, ls="--", label="plain decoding")
+    log_x(a, cells[BATCH])
+    a.set_xlabel(BATCH)
+    a.set_ylabel("speed-up over plain (same round)")
+    a.legend(fontsize=8, title=width, title_fontsize=8)
+    a.set_title("Theorem 1.3: speed-up per tree width")
     if fit_width is not None:
-        law_panel(b, batch_table(runs, metric, width), fit_width)
+        law_panel(b, best_width_per_round(runs, width), fit_width)
     else:
-        best = batch_table(runs, metric, width)
-        b.plot(best["decode_batch_size"], best[width], "o-")
-        b.set_xscale("log")
-    b.set_title("best tree width per batch size")
+        best = cells[cells["best"]]
+        b.plot(best[BATCH], best[width], "o-")
+        log_x(b, best[BATCH])
+    b.set_title("best width per batch size (plain = 0)")
     fig.tight_layout()
     return fig
 
@@ -145,7 +185,7 @@ def plot_figure_2(runs: pd.DataFrame, by: str = "variant", metric: str = "decode
 
     long = category_table(runs, by, metric).reset_index().melt(
         id_vars="category", var_name=by, value_name=metric)
-    fig, (ax,) = _figure(width=9)
+    fig, (ax,) = axes_figure(width=9)
     sns.barplot(data=long, x="category", y=metric, hue=by, ax=ax, errorbar=None)
     ax.set_title("Figure 2: acceptance length per category")
     ax.tick_params(axis="x", rotation=30)
@@ -169,7 +209,7 @@ def plot_table_5(runs: pd.DataFrame, by: str = "variant",
     """Table 5 as a figure: throughput per batch size per draft."""
     import seaborn as sns
 
-    fig, (ax,) = _figure(width=7)
+    fig, (ax,) = axes_figure(width=7)
     sns.barplot(data=runs, x="decode_batch_size", y=metric, hue=by, ax=ax, errorbar=None)
     ax.set_title("Table 5: throughput per batch size")
     fig.tight_layout()

@@ -78,11 +78,12 @@ def speed_table(experiment: str) -> pd.DataFrame:
 
 def headline_markdown(tables: dict[str, Any]) -> str:
     """The README's headline: each law with its CI and R², and the τ/speed table."""
-    lines = ["| sweep | law | slope [95% CI] | R² | extrapolation error (within CI) |",
-             "|---|---|---|---|---|"]
+    lines = ["| sweep | law | slope [95% CI] | R² of the means / of the runs | "
+             "extrapolation error (within CI) |", "|---|---|---|---|---|"]
     for _, r in tables["laws"].iterrows():
         lines.append(f"| {r['sweep']} | {r['y']} ~ ln({r['x']}) | {r['slope']:.3f} "
-                     f"[{r['slope_ci_low']:.3f}, {r['slope_ci_high']:.3f}] | {r['r2']:.3f} | "
+                     f"[{r['slope_ci_low']:.3f}, {r['slope_ci_high']:.3f}] | {r['r2']:.3f} / "
+                     f"{r['r2_runs']:.3f} | "
                      f"{r['extrap_error']:.3f} ({r['extrap_within_ci']}) |")
     speed = tables["speed"]
     if not speed.empty:

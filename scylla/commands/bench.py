@@ -247,8 +247,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"'{AUTO}' adds hybrid sized by the planner (--tree auto).")
     parser.add_argument("--forward-cost", default=None,
                         help="Comma-separated token counts, e.g. 1,2,4,8,16: time one target "
-                             "forward (and one draft forward, with --draft) of k new tokens on "
-                             "a --context-token cache instead of decoding; sizes trees.")
+                             "forward (and one draft forward, with --draft) of k new tokens per "
+                             "row on a --context-token cache, --decode-batch-size rows, instead "
+                             "of decoding; sizes trees.")
     parser.add_argument("--context", type=int, default=256,
                         help="Cached tokens for --forward-cost.")
     add_dataclass_args(parser, TargetSpec)
@@ -295,12 +296,15 @@ def run_forward_cost(spec: TargetSpec, args: argparse.Namespace) -> int:
     if args.context + max(ks) > limit:
         raise ConfigError(f"--context={args.context} plus k={max(ks)} exceeds the target's "
                           f"context window of {limit} tokens")
-    rows = forward_cost(bench.target.model, ks, args.context, bench.draft)
+    batch = args.decode_batch_size
+    rows = forward_cost(bench.target.model, ks, args.context, bench.draft, batch=batch)
     report = {"machine": machine.description(), "target": spec.target, "draft": args.draft,
-              "context": args.context, "threads": torch.get_num_threads(), "forward_cost": rows}
-    say(format_forward_cost(rows, args.context))
+              "context": args.context, "decode_batch_size": batch,
+              "threads": torch.get_num_threads(), "forward_cost": rows}
+    say(format_forward_cost(rows, args.context, batch))
     if not args.no_mlflow:
-        params = {**as_params(spec), "context": args.context, "draft": args.draft or ""}
+        params = {**as_params(spec), "context": args.context, "draft": args.draft or "",
+                  "decode_batch_size": batch}
         with stage_run("forward_cost", params, run_name="forward-cost"):
             for r in rows:
                 mlflow.log_metric("forward_cost/target_ms", r["target_ms"], step=r["k"])

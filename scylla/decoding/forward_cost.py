@@ -97,13 +97,14 @@ def timed_forward(model: Any, cache: Any, start: torch.Tensor, new: torch.Tensor
     return run
 
 
-def format_forward_cost(rows: list[dict[str, float]], context: int) -> str:
+def format_forward_cost(rows: list[dict[str, float]], context: int, batch: int = 1) -> str:
     """The table: per k, target ms, its ratio to k = 1, draft ms, and (when measured) the
     forward's floors: bytes / stream bandwidth and FLOPs / GEMM peak, and target ms over the
     larger floor."""
     one = rows[0]["target_ms"] if rows[0]["k"] == 1 else None
     roof = "bw_floor_ms" in rows[0]
-    head = f"forward of k new tokens on a {context}-token cache, batch 1 (median ms)"
+    head = (f"forward of k new tokens per row on a {context}-token cache, batch {batch} "
+            "(median ms)")
     if roof:
         head += (f"; roofline: read {rows[0]['bandwidth_gbs']:.1f} GB/s, "
                  f"GEMM {rows[0]['gemm_gflops']:.0f} GFLOP/s")

@@ -8,7 +8,9 @@ uninterrupted run exactly.
 Metrics: ``train/loss``, ``train/loss_hidden``, ``train/loss_logits``, ``train/acc`` (step 0,
 draft vocabulary), ``train/loss_step{k}`` (unrolled steps), ``train/tokens_seen`` (tokens of all
 sequences consumed so far, all ranks), ``train/tokens_per_s``, ``train/lr``; ``val/loss``,
-``val/top1_acc``, ``val/alpha_at_{i}``, ``val/tau_chain`` (see ``objective.tau_chain``).
+``val/top1_acc``, ``val/alpha_at_{i}``, ``val/tau_chain`` (see ``objective.tau_chain``),
+``val/tau_chain_replayed`` (chain decoding replayed along the validation text:
+``objective.replay``).
 """
 from __future__ import annotations
 
@@ -21,7 +23,13 @@ import torch
 
 from scylla.config import TrainConfig
 from scylla.drafts.model import DraftModel
-from scylla.drafts.objective import chain_counts, objective, tau_chain
+from scylla.drafts.objective import (
+    chain_lengths,
+    objective,
+    replay,
+    survival,
+    tau_chain,
+)
 from scylla.drafts.unroll import unroll
 
 DEFAULT_TTT_STEPS = {"scylla": 1, "eagle3": 3}
@@ -110,7 +118,8 @@ class DraftTraining(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         gamma = self.cfg.val_chain_len
         self._val = {"rows": torch.zeros(3, dtype=torch.float64, device=self.device),
-                     "chain": torch.zeros(gamma + 1, dtype=torch.float64, device=self.device)}
+                     "chain": torch.zeros(gamma + 1, dtype=torch.float64, device=self.device),
+                     "replay": torch.zeros(2, dtype=torch.float64, device=self.device)}
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         feats = self._features(batch)
@@ -122,23 +131,29 @@ class DraftTraining(L.LightningModule):
         if argmax is None:  # old shards: the target's greedy token over the draft vocabulary
             argmax = self.draft.to_target_ids(
                 self.draft.target_logits(batch["last_hidden"]).argmax(-1))
-        starts, chains = chain_counts(self.draft, hiddens, batch["loss_mask"], argmax)
+        started, accepted = chain_lengths(self.draft, hiddens, batch["loss_mask"], argmax)
+        starts, chains = survival(started, accepted, len(hiddens))
+        tokens, forwards = replay(started, accepted)
         loss_sum = (first.ce if self.draft.kind == "eagle3" else
                     self.cfg.w_logits * first.ce + self.cfg.w_hidden * first.hidden)
         v = self._val
         v["rows"] += torch.tensor([first.rows, loss_sum, first.agree], dtype=torch.float64,
                                   device=self.device)
         v["chain"] += torch.tensor([starts, *chains], dtype=torch.float64, device=self.device)
+        v["replay"] += torch.tensor([tokens, forwards], dtype=torch.float64, device=self.device)
 
     def on_validation_epoch_end(self) -> None:
         if not self._val:
             return
         rows = self.trainer.strategy.reduce(self._val["rows"], reduce_op="sum")
         chain = self.trainer.strategy.reduce(self._val["chain"], reduce_op="sum")
+        tokens, forwards = self.trainer.strategy.reduce(self._val["replay"], reduce_op="sum")
         starts, counts = int(chain[0]), [int(c) for c in chain[1:]]
         metrics = {"val/loss": float(rows[1] / max(float(rows[0]), 1.0)),
                    "val/top1_acc": counts[0] / max(starts, 1),
                    "val/tau_chain": tau_chain(counts, starts),
+                   # chain decoding replayed along the text: the τ it would measure there
+                   "val/tau_chain_replayed": float(tokens / max(float(forwards), 1.0)),
                    "val/rows": float(rows[0])}
         prev = starts
         for i, c in enumerate(counts, start=1):

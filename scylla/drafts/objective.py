@@ -114,9 +114,10 @@ def objective(draft: DraftModel, hiddens: list[torch.Tensor], last_hidden: torch
 
 
 @torch.no_grad()
-def chain_counts(draft: DraftModel, hiddens: list[torch.Tensor], loss_mask: torch.Tensor,
-                 target_argmax: torch.Tensor) -> tuple[int, list[int]]:
-    """(chain starts, [chains whose first i draft tokens are all accepted, i = 1..gamma]).
+def chain_lengths(draft: DraftModel, hiddens: list[torch.Tensor], loss_mask: torch.Tensor,
+                  target_argmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(starts, accepted), both (B, n): whether a chain starts at each row, and how many of its
+    gamma = len(hiddens) draft tokens are accepted (0 where none starts).
 
     A chain starts at every row whose first prediction is under the loss mask; step i of it is
     accepted when the draft's greedy token (mapped to target ids) equals ``target_argmax``
@@ -124,9 +125,9 @@ def chain_counts(draft: DraftModel, hiddens: list[torch.Tensor], loss_mask: torc
     mask counts as rejected (the chain stops there). Logits are computed only for live chains.
     """
     n = hiddens[0].shape[1]
-    alive = shift(loss_mask, 2, n).bool()
-    starts = int(alive.sum())
-    out = []
+    starts = shift(loss_mask, 2, n).bool()
+    alive = starts
+    accepted = torch.zeros(starts.shape, dtype=torch.long, device=starts.device)
     for k, h in enumerate(hiddens):
         alive = alive & shift(loss_mask, 2 + k, n).bool()
         if bool(alive.any()):
@@ -136,8 +137,42 @@ def chain_counts(draft: DraftModel, hiddens: list[torch.Tensor], loss_mask: torc
             ok = torch.zeros(alive.numel(), dtype=torch.bool, device=alive.device)
             ok[idx[w > 0]] = (guess == truth)[w > 0]
             alive = alive & ok.view_as(alive)
-        out.append(int(alive.sum()))
-    return starts, out
+        accepted += alive
+    return starts, accepted
+
+
+def survival(starts: torch.Tensor, accepted: torch.Tensor, gamma: int) -> tuple[int, list[int]]:
+    """(chain starts, [chains whose first i draft tokens are all accepted, i = 1..gamma])."""
+    return int(starts.sum()), [int((accepted > i).sum()) for i in range(gamma)]
+
+
+def chain_counts(draft: DraftModel, hiddens: list[torch.Tensor], loss_mask: torch.Tensor,
+                 target_argmax: torch.Tensor) -> tuple[int, list[int]]:
+    """``survival`` of the chains of ``chain_lengths``."""
+    return survival(*chain_lengths(draft, hiddens, loss_mask, target_argmax), len(hiddens))
+
+
+def replay(starts: torch.Tensor, accepted: torch.Tensor) -> tuple[int, int]:
+    """(new tokens, target forwards) of chain decoding replayed along the validation text.
+
+    In each row, from its first chain start, a step takes the chain's accepted draft tokens and
+    the target's own next token, and the next step starts after them; rows that start no chain
+    (outside the loss mask) are stepped over. tokens / forwards is the τ chain decoding would
+    measure on this text. ``tau_chain`` instead averages over every position; where acceptance
+    varies along the text it is the larger: an easy stretch counts once per position there, but
+    decoding crosses it in a few forwards and spends most of its forwards on the hard stretches.
+    """
+    tokens = forwards = 0
+    for row_starts, row_accepted in zip(starts.tolist(), accepted.tolist()):
+        t = 0
+        while t < len(row_starts):
+            if not row_starts[t]:
+                t += 1
+                continue
+            tokens += row_accepted[t] + 1
+            forwards += 1
+            t += row_accepted[t] + 1
+    return tokens, forwards
 
 
 def tau_chain(chains: list[int], starts: int) -> float:
@@ -150,7 +185,8 @@ def tau_chain(chains: list[int], starts: int) -> float:
     steps on validation data (teacher-forced tokens, its own features; see ``chain_counts``) and
     "accepted" means the draft's greedy token equals the target's. The 1 is the target's bonus
     token, so a useless draft has tau = 1, as plain decoding (``decode/tau``'s convention).
-    Exact for chain decoding at T=0 when the validation text is the target's own greedy output;
-    on other text an estimate.
+    A mean over every position of the text: decoding's τ on the same text is ``replay``'s,
+    which equals this only where acceptance does not vary along the text, and is lower
+    otherwise.
     """
     return 1.0 + sum(c / max(starts, 1) for c in chains)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from scylla import paths
+from scylla.drafts.io import DEFAULT
 from scylla.errors import DataError
 from scylla.pipeline import tracking
 
@@ -130,6 +131,10 @@ def decode(args: dict[str, Any]) -> None:
     draft = Path(args.get("draft") or "")
     methods = [m for m in args["methods"].split(",") if m]
     needs_draft = any(m in ("chain", "tree", "static-tree", "hybrid") for m in methods)
+    if needs_draft and str(draft) == DEFAULT:
+        raise DataError(f"simulated decode: --draft {DEFAULT} names the real shipped draft, which "
+                        "a stand-in cannot decode; simulate a profile whose train stage makes "
+                        "the draft, or run this one without --simulate")
     if needs_draft and not (draft / "draft.json").is_file():
         raise DataError(f"simulated decode: no draft.json in draft dir {draft}")
     tau_draft = json.loads((draft / "draft.json").read_text())["tau_chain"] if needs_draft \
