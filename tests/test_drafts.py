@@ -146,21 +146,23 @@ def test_tau_chain_is_one_plus_the_sum_of_chain_survival():
 
 
 def test_replayed_chain_decoding_spends_its_forwards_where_acceptance_is_low():
-    """An easy stretch (4, 3, 2, 1 accepted) then a hard one (0s): the mean over positions
-    (tau_chain) is 2.0, but decoding crosses the easy stretch in one forward and needs one per
-    token on the hard one: 10 tokens in 6 forwards."""
+    """After the prefill's token, an easy stretch (4, 3, 2, 1 accepted) then a hard one (0s):
+    the mean over positions (tau_chain) is 2.0, but decoding writes the first token in the
+    prefill, crosses the easy stretch in one forward and needs one per token on the hard one:
+    10 tokens in 6 forwards."""
     starts = torch.ones(1, 10, dtype=torch.bool)
-    accepted = torch.tensor([[4, 3, 2, 1, 0, 0, 0, 0, 0, 0]])
+    accepted = torch.tensor([[0, 4, 3, 2, 1, 0, 0, 0, 0, 0]])
     gamma = 4
     n, chains = survival(starts, accepted, gamma)
     assert (n, chains) == (10, [4, 3, 2, 1]) and tau_chain(chains, n) == 2.0
     assert replay(starts, accepted) == (10, 6)
-    # the same acceptance spread evenly along the text: both are the same
-    even = torch.ones(1, 10, dtype=torch.long)
-    assert replay(starts, even) == (10, 5) and tau_chain(survival(starts, even, gamma)[1], 10) == 2
-    # a position outside the loss mask starts no chain and is stepped over
+    # the first chain (from the prompt's last row) never runs: the prefill writes that token
+    assert replay(starts, torch.tensor([[4, 0, 0, 0, 0, 0, 0, 0, 0, 0]])) == (10, 10)
+    # a position outside the loss mask starts no chain: two answers, each with its prefill
     starts[0, 6:8] = False
     assert replay(starts, accepted * starts) == (8, 4)
+    # a chain accepted to the answer's end adds no target token past it (decoding stops there)
+    assert replay(torch.ones(1, 4, dtype=torch.bool), torch.tensor([[0, 0, 2, 1]])) == (4, 3)
 
 
 @torch.no_grad()

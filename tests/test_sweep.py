@@ -440,6 +440,40 @@ def test_mlflow_run_entry_points(mlflow_store, tmp_path):
     assert len(done) == 1 + 3 + 12 + 1
 
 
+# the target cache as the session found it: mlflow_store points SCYLLA_DATA_DIR at the test's
+# directory, where the real target would be converted again
+DATA_DIR = os.environ.get("SCYLLA_DATA_DIR")
+
+
+@pytest.mark.slow
+@pytest.mark.real
+def test_mlflow_run_runs_a_real_decode_stage_and_then_reuses_it(mlflow_store, monkeypatch):
+    """One real stage through `mlflow run`: the shipped draft decodes 2 Spec-Bench prompts on
+    the real target, a run per method under the project run, chain exact against plain; the
+    same call again reuses both runs and decodes nothing."""
+    if DATA_DIR is None:
+        monkeypatch.delenv("SCYLLA_DATA_DIR")
+    else:
+        monkeypatch.setenv("SCYLLA_DATA_DIR", DATA_DIR)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "run", str(ROOT / "pipelines"), "-e",
+           "decode", "-P", "draft=default", "-P", "methods=plain,chain", "-P",
+           "prompts=spec-bench", "-P", "num_prompts=2", "-P", "max_new_tokens=8",
+           "--env-manager", "local", "--experiment-name", "real-stage"]
+    outs = []
+    for _ in range(2):
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, out.stdout + out.stderr
+        outs.append(out.stdout + out.stderr)
+    assert "decode: ran run(s)" in outs[0] and "decode: ran" not in outs[1]
+    decodes = [r for r in runs_of("real-stage") if r.data.tags.get("stage") == "decode"]
+    assert sorted(r.data.params["method"] for r in decodes) == ["chain", "plain"]
+    for r in decodes:
+        assert r.info.status == "FINISHED" and r.data.params["prompts"] == "spec-bench"
+        assert r.data.metrics["decode/exact_match"] == 1.0
+        assert "mlflow.parentRunId" in r.data.tags  # logged under `mlflow run`'s own run
+
+
 def test_a_stage_under_a_driver_leaves_its_report_to_the_driver(capsys):
     """Stages print their own tables and results when run by hand; inside a sweep the runner
     prints one line per call instead, so the main job's output stays readable."""

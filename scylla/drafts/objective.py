@@ -155,23 +155,33 @@ def chain_counts(draft: DraftModel, hiddens: list[torch.Tensor], loss_mask: torc
 def replay(starts: torch.Tensor, accepted: torch.Tensor) -> tuple[int, int]:
     """(new tokens, target forwards) of chain decoding replayed along the validation text.
 
-    In each row, from its first chain start, a step takes the chain's accepted draft tokens and
-    the target's own next token, and the next step starts after them; rows that start no chain
-    (outside the loss mask) are stepped over. tokens / forwards is the τ chain decoding would
-    measure on this text. ``tau_chain`` instead averages over every position; where acceptance
-    varies along the text it is the larger: an easy stretch counts once per position there, but
-    decoding crosses it in a few forwards and spends most of its forwards on the hard stretches.
+    Each run of consecutive chain starts is one answer, decoded as chain decoding decodes it:
+    its first token comes from the prefill (one forward, no draft), then each step takes the
+    chain's accepted draft tokens and the target's own next token (none past the answer's end,
+    where decoding stops too), and the next step starts after them. Rows that start no chain
+    (outside the loss mask) are stepped over. tokens / forwards is the τ chain decoding
+    measures on this text at T = 0 (``decode/tau``, which counts the prefill the same way) when
+    the text is the target's own greedy answers. ``tau_chain`` instead averages over every
+    position; where acceptance varies along the text it is the larger: an easy stretch counts
+    once per position there, but decoding crosses it in a few forwards and spends most of its
+    forwards on the hard stretches.
     """
     tokens = forwards = 0
     for row_starts, row_accepted in zip(starts.tolist(), accepted.tolist()):
-        t = 0
-        while t < len(row_starts):
+        t, n = 0, len(row_starts)
+        while t < n:
             if not row_starts[t]:
                 t += 1
                 continue
-            tokens += row_accepted[t] + 1
-            forwards += 1
-            t += row_accepted[t] + 1
+            end = t
+            while end < n and row_starts[end]:
+                end += 1  # rows t..end-1 start chains: end - t answer tokens remain
+            step = 1  # the prefill's token: its chain (from the prompt's last row) never runs
+            while True:
+                tokens, forwards, t = tokens + step, forwards + 1, t + step
+                if t >= end:
+                    break
+                step = min(row_accepted[t] + 1, end - t)
     return tokens, forwards
 
 
