@@ -462,7 +462,9 @@ def test_mlflow_run_runs_a_real_decode_stage_and_then_reuses_it(mlflow_store, mo
            "--env-manager", "local", "--experiment-name", "real-stage"]
     outs = []
     for _ in range(2):
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        # cwd: MLflow puts a new experiment's artifacts under ./mlruns, not in the checkout
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900,
+                             cwd=mlflow_store.parent)
         assert out.returncode == 0, out.stdout + out.stderr
         outs.append(out.stdout + out.stderr)
     assert "decode: ran run(s)" in outs[0] and "decode: ran" not in outs[1]
