@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from scylla.analysis.plots import BATCH, WIDTH, axes_figure, log_x
+from scylla.analysis.runs import best_per, quote
 from scylla.errors import DataError
 from scylla.store import DEFAULT_EXPERIMENT
 
@@ -35,7 +36,9 @@ def forward_costs(experiment: str = DEFAULT_EXPERIMENT, target: str | None = Non
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise DataError(f"no MLflow experiment {experiment!r} with forward-cost runs")
-    where = "tags.stage = 'forward_cost'" + (f" and params.target = '{target}'" if target else "")
+    where = "tags.stage = 'forward_cost'"
+    if target:
+        where += f" and params.target = {quote(target)}"
     runs = client.search_runs([exp.experiment_id], where, order_by=["attributes.start_time DESC"])
     rows, seen = [], set()
     for run in runs:
@@ -137,7 +140,7 @@ def gpu_simulation(runs: pd.DataFrame, roof: Roofline = A100_8B,
 
 def best_predicted(pred: pd.DataFrame) -> pd.DataFrame:
     """Per batch size, the width with the highest predicted speed-up (plain: width 0)."""
-    best = pred.loc[pred.groupby(BATCH)["predicted"].idxmax()].reset_index(drop=True)
+    best = best_per(pred, [BATCH], "predicted")
     lose = best["predicted"] <= 1
     best.loc[lose, WIDTH], best.loc[lose, "predicted"] = 0, 1.0
     return best

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from scylla.analysis.fit import LawFit
-from scylla.analysis.runs import category_table, chain_steps
+from scylla.analysis.runs import best_per, category_table, chain_steps
 from scylla.decoding.bench import mean_ci
 
 
@@ -141,12 +141,12 @@ def best_width_per_round(runs: pd.DataFrame, width: str = WIDTH) -> pd.DataFrame
     tree = runs[runs["method"] == "tree"]
     rounds = tree["repeat"] if "repeat" in tree.columns else pd.Series(1, index=tree.index)
     rows = []
-    for (b, r), g in tree.groupby([tree[BATCH], rounds.fillna(1)]):
-        top = g.loc[g["decode/speedup"].idxmax()]
-        wins = top["decode/speedup"] > 1
-        rows.append({BATCH: int(b), "repeat": int(r),
-                     "best_width": int(top[width]) if wins else 0,
-                     "best_speedup": float(top["decode/speedup"]) if wins else 1.0})
+    top = best_per(tree.assign(repeat=rounds.fillna(1)), [BATCH, "repeat"], "decode/speedup")
+    for t in top.to_dict("records"):
+        wins = t["decode/speedup"] > 1
+        rows.append({BATCH: int(t[BATCH]), "repeat": int(t["repeat"]),
+                     "best_width": int(t[width]) if wins else 0,
+                     "best_speedup": float(t["decode/speedup"]) if wins else 1.0})
     return pd.DataFrame(rows)
 
 

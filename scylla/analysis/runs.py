@@ -28,7 +28,7 @@ BASE_COLUMNS = ["run_id", "experiment", "status", "start_time", "end_time",
                 *TAG_COLUMNS.values()]
 
 
-def _quote(value: str) -> str:
+def quote(value: str) -> str:
     return "'" + value.replace("'", "\\'") + "'"
 
 
@@ -63,7 +63,7 @@ def load_runs(experiment: str | Iterable[str] | None = None, stage: str | None =
     else:
         names = [experiment] if isinstance(experiment, str) else list(experiment)
         exps = [e for e in (mlflow.get_experiment_by_name(n) for n in names) if e is not None]
-    clauses = [f"tags.stage = {_quote(stage)}"] if stage else []
+    clauses = [f"tags.stage = {quote(stage)}"] if stage else []
     if finished_only:
         clauses.append("attributes.status = 'FINISHED'")
     if filter_string:
