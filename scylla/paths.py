@@ -2,6 +2,8 @@
 
 - ``SCYLLA_DATA_DIR``: converted targets, tokenized corpora, hidden-state shards.
   Default ``~/.cache/scylla`` (large, never committed).
+- ``SCYLLA_PLANS_DIR``: what the tree planner measured on this machine (forward-cost curves,
+  drafts' acceptance tables). Default ``<data dir>/plans``.
 - ``MLFLOW_TRACKING_URI``: when unset, the project's SQLite store ``mlflow.db`` (artifacts in
   ``artifacts/``) in ``SCYLLA_STORE_DIR``, by default ``mlruns/`` under ``SCYLLA_PROJECT_DIR``
   or the working directory (the committed store; ``scylla main`` points it at ``out/mlruns``).
@@ -18,6 +20,13 @@ def data_dir() -> Path:
     root = Path(os.environ.get("SCYLLA_DATA_DIR", Path.home() / ".cache" / "scylla"))
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def plans_dir() -> Path:
+    """The planner's measurements (not created here)."""
+    if os.environ.get("SCYLLA_PLANS_DIR"):
+        return Path(os.environ["SCYLLA_PLANS_DIR"])
+    return data_dir() / "plans"
 
 
 def project_dir() -> Path:

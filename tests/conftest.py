@@ -22,6 +22,8 @@ def _isolated_tracking(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("SCYLLA_PROJECT_DIR", str(tmp_path))
     monkeypatch.delenv("SCYLLA_STORE_DIR", raising=False)  # the store then follows the project dir
+    # the planner's cost curves and acceptance tables: never carried from one test to another
+    monkeypatch.setenv("SCYLLA_PLANS_DIR", str(tmp_path / "plans"))
 
 
 @pytest.fixture

@@ -368,6 +368,11 @@ def test_law_figures_plot_every_run_and_the_fitted_law(tmp_path):
     assert ticks(a) == ["1", "3", "10", "30", "100"]  # few small x: ticked at the points
     path = sa.save_points(fit, tmp_path / "points", "t11")
     assert pd.read_csv(path)["n"].tolist() == [3] * 5
+    cells = pd.DataFrame({"batch": [1, 2], "speedup": [1.1, 0.9]})
+    plain = pd.read_csv(sa.save_points(cells, tmp_path / "points", "cells"))
+    assert plain.columns.tolist() == ["batch", "speedup"]  # no row-number column
+    named = pd.read_csv(sa.save_points(cells.set_index("batch"), tmp_path / "points", "named"))
+    assert named.columns.tolist() == ["batch", "speedup"]  # the named index is kept
 
 
 def test_loss_note_says_whether_capacity_lowers_the_loss():

@@ -186,7 +186,6 @@ def test_table_shows_methods_and_categories(tiny_bench):
 
 def test_batch_sweep_times_plain_once_per_batch_size_and_every_tree_is_exact(
         tiny_bench, tmp_path, monkeypatch):
-    monkeypatch.setenv("SCYLLA_DATA_DIR", str(tmp_path))  # the planner's cost cache
     bench = Bench(tiny_bench.target, random_draft(tiny_bench.target), tiny_bench.hf)
     runs = []
     timed = bench.timed

@@ -81,7 +81,6 @@ def test_planned_trees_equal_plain_greedy(setup, method, batch, tmp_path, monkey
     calibration window, so that these short decodes also re-plan."""
     import scylla.decoding.planner as planner
 
-    monkeypatch.setenv("SCYLLA_DATA_DIR", str(tmp_path))  # the planner's cost cache
     monkeypatch.setattr(planner, "CALIBRATION_STEPS", 16)
     monkeypatch.setattr(planner, "WINDOW", 16)
     target, prompts, ref, drafts = setup

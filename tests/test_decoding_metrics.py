@@ -66,7 +66,7 @@ def test_decode_metrics_of_known_counts_per_call_and_category():
     # proposes nothing here, so no alpha, and no comparison was asked for
     plan = {"mode": "hybrid", "tree_total_tokens": 8, "tree_depth": 3, "lookup_len": 2,
             "lookup_min_match": 2, "tau": 2.5, "speedup": 1.5, "calibration_steps": 4,
-            "plans": 3}
+            "plans": 3, "calibrated": 0}
     one = RowStats(new_tokens=1, target_forwards=1, accepted_lengths=[1])
     planned = decode_metrics(DecodeResult([[7]], [one], {"total": 2.0}, plan))
     assert planned == pytest.approx({
@@ -75,7 +75,8 @@ def test_decode_metrics_of_known_counts_per_call_and_category():
         "decode/plan_tree_total_tokens": 8.0, "decode/plan_tree_depth": 3.0,
         "decode/plan_lookup_len": 2.0, "decode/plan_tau": 2.5, "decode/plan_speedup": 1.5,
         "decode/plan_lookup_min_match": 2.0, "decode/plan_plans": 3.0,
-        "decode/plan_calibration_steps": 4.0, "decode/plan_speculates": 1.0})
+        "decode/plan_calibration_steps": 4.0, "decode/plan_calibrated": 0.0,
+        "decode/plan_speculates": 1.0})
     plain_plan = DecodeResult([[7]], [one], {"total": 2.0}, {**plan, "mode": "plain"})
     assert decode_metrics(plain_plan)["decode/plan_speculates"] == 0.0
 

@@ -50,7 +50,7 @@ def test_rows_are_padded_off_the_root():
     assert grown.parents.tolist()[0][4:] == [0, 4]
 
 
-def test_the_calibration_tree_fits_the_cache_to_the_last_token(tmp_path, monkeypatch):
+def test_the_calibration_tree_fits_the_cache_to_the_last_token():
     """While calibrating, a step verifies the large tree plus the whole lookup chain, also on a
     row's last steps: the decode's cache leaves room for both."""
     import random
@@ -60,7 +60,6 @@ def test_the_calibration_tree_fits_the_cache_to_the_last_token(tmp_path, monkeyp
     from scylla.config import DecodeConfig
     from scylla.decoding import METHODS
 
-    monkeypatch.setenv("SCYLLA_DATA_DIR", str(tmp_path))  # the planner's cost cache
     target = tiny_target(24, hidden=32, init=0.3)
     target.model.config.eos_token_ids = []
     g = random.Random(0)  # repeated tokens: the lookup finds long chains

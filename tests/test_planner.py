@@ -112,18 +112,21 @@ def test_a_verification_costs_its_largest_row():
     assert plan.mode == "lookup" and plan.speedup == pytest.approx(6 / 62 * 15)
 
 
-def drive(monkeypatch, calibration: Step, steps: int) -> tuple[list[bool], Any, AutoPlanner]:
+def drive(monkeypatch, calibration: Step, steps: int, draft: Any = None
+          ) -> tuple[list[bool], Any, AutoPlanner]:
     """Run the planner's per-step protocol ``steps`` times; every calibration step records
     ``calibration`` (one row). Returns which steps calibrated, the proposer and the planner."""
     import scylla.decoding.planner as planner
 
     monkeypatch.setattr(planner, "measured_costs", lambda *a: curve(per_token_ms=0.5))
     monkeypatch.setattr(planner, "record", lambda *a: [calibration])
-    draft = torch.nn.Module()  # the calibration table is kept per draft (weakly)
+    if draft is None:  # the calibration table is kept per draft (weakly, and on disk)
+        draft = torch.nn.Linear(3, 2)
     auto = AutoPlanner(model=None, draft=draft, width=2, ngram=0, batch=1, temperature=0.0)
     shapes: list[Any] = []
-    proposer = types.SimpleNamespace(plan=auto.start(None), lookup_len=0, lookup_min_match=1,
+    proposer = types.SimpleNamespace(plan=None, lookup_len=0, lookup_min_match=1,
                                      drafter=types.SimpleNamespace(set_shape=shapes.append))
+    proposer.plan = auto.start(proposer)
     calibrated = []
     for _ in range(steps):
         auto.begin(proposer)
@@ -176,3 +179,32 @@ def test_a_settled_lookup_plan_keeps_its_lookups():
                                          calibrating=False)
         assert HybridProposer.plain.fget(proposer) is plain
         assert HybridProposer.drafts.fget(proposer) is False
+
+
+def test_a_later_process_starts_from_the_drafts_saved_table(monkeypatch):
+    """The calibration table is saved on this machine per draft (by its weights): a new process
+    (an empty in-process table) plans at once, calibrating nothing, until the draft changes;
+    a damaged file means calibrating again, not an error."""
+    import scylla.decoding.planner as planner
+
+    draft = torch.nn.Linear(3, 2)
+    calibrated, proposer, auto = drive(monkeypatch, step(accepted_depths=3), CALIBRATION_STEPS,
+                                       draft)
+    assert all(calibrated) and auto.calibrated == CALIBRATION_STEPS and auto.table.is_file()
+    monkeypatch.setattr(planner, "_TABLES", planner.weakref.WeakKeyDictionary())  # new process
+    calibrated, again, auto = drive(monkeypatch, step(accepted_depths=0), 10, draft)
+    assert not any(calibrated) and auto.calibrated == 0
+    assert again.plan == proposer.plan and again.plan.mode == "tree"  # the saved steps' plan
+    saved = planner.load_steps(auto.table)
+    assert len(saved) == CALIBRATION_STEPS and all(s.group < 0 for s in saved)
+    assert np.array_equal(saved[0].accepted, step(accepted_depths=3).accepted)
+    monkeypatch.setattr(planner, "_TABLES", planner.weakref.WeakKeyDictionary())
+    weight = draft.weight.detach().clone()
+    with torch.no_grad():
+        draft.weight.add_(1.0)  # another draft: its own (empty) table
+    assert drive(monkeypatch, step(accepted_depths=3), 3, draft)[0] == [True] * 3
+    auto.table.write_text('[{"scores": [1.0]}]')  # a table of another version of this code
+    monkeypatch.setattr(planner, "_TABLES", planner.weakref.WeakKeyDictionary())
+    with torch.no_grad():
+        draft.weight.copy_(weight)  # the first draft again
+    assert drive(monkeypatch, step(accepted_depths=3), 3, draft)[0] == [True] * 3

@@ -42,11 +42,13 @@ def sweep_fits(sweep: str, profile: str, simulated: bool = False) -> dict[str, F
 
 
 def save_points(frame: LawFit | pd.DataFrame, directory: str | Path, name: str) -> Path:
-    """The points behind a figure as ``<directory>/<name>.csv`` (a LawFit: its points)."""
+    """The points behind a figure as ``<directory>/<name>.csv`` (a LawFit: its points). A named
+    index (a table's rows: category, batch size) is a column of the file; a plain row number is
+    not."""
     table = frame.points if isinstance(frame, LawFit) else frame
     path = Path(directory) / f"{name}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(path, index=not isinstance(frame, LawFit))
+    table.to_csv(path, index=any(n is not None for n in table.index.names))
     return path
 
 

@@ -123,7 +123,7 @@ def describe_plan(plan: dict[str, Any]) -> str:
         what += f" after a {plan['lookup_min_match']}-token match"
     return (f"{what}; predicted tau {plan['tau']:.2f}, speed-up {plan['speedup']:.2f}x "
             f"(the last of {plan['plans']} plans, on the latest {plan['calibration_steps']} "
-            f"calibration row-steps)")
+            f"calibration row-steps, {plan['calibrated']} of them from this decode)")
 
 
 def format_table(report: dict[str, Any]) -> str:

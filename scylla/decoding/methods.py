@@ -68,7 +68,8 @@ def speculative(target: Any, prompts: list[list[int]], cfg: DecodeConfig, draft:
                          cfg.decode_batch_size, cfg.temperature, cfg.sample_top_p, cfg.seed,
                          on_emit).run()
     if isinstance(proposer, HybridProposer) and proposer.plan is not None:
-        result.plan = {**proposer.plan.as_dict(), "plans": proposer.planner.plans}
+        result.plan = {**proposer.plan.as_dict(), "plans": proposer.planner.plans,
+                       "calibrated": proposer.planner.calibrated}
     return result
 
 

@@ -6,7 +6,9 @@
   position i (0 = the first draft token after the root).
 - ``decode/tokens_per_s``: new tokens / wall seconds (per category: over the rows' shares).
 - the accepted-length histogram: how many target forwards emitted n tokens.
-- ``decode/plan_*``: with ``--tree auto``, the planner's choice and its predicted τ and speed-up.
+- ``decode/plan_*``: with ``--tree auto``, the planner's choice and its predicted τ and speed-up;
+  ``decode/plan_calibrated`` counts the row-steps this decode spent calibrating (0 when the
+  draft's table was known: ``scylla.decoding.planner``).
 """
 from __future__ import annotations
 
@@ -65,7 +67,7 @@ def by_category(result: DecodeResult, categories: list[str]) -> dict[str, dict[s
 
 # the planner's numbers, logged as ``decode/plan_<name>`` (the prediction beside the measurement)
 PLAN_NUMBERS = ("tree_total_tokens", "tree_depth", "lookup_len", "lookup_min_match", "tau",
-                "speedup", "calibration_steps", "plans")
+                "speedup", "calibration_steps", "plans", "calibrated")
 
 # the per-category metrics, logged as ``<name>/<category>`` (``decode/tau/writing``)
 PER_CATEGORY = ("decode/tau", "decode/alpha", "decode/tokens_per_s")

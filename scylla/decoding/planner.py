@@ -14,14 +14,16 @@ measured here, never assumed:
 - **Re-planning.** What pays moves with the text: prompt lookup accepts 2.5 tokens a step on
   extraction and translation and 1.15 on writing. So while the plan drafts, one verification in
   ``REPLAN_EVERY`` verifies the calibration tree again, and the plan is chosen anew from the
-  latest ``WINDOW`` row-steps. The table is kept per draft for the process, so later decodes
-  (other batch sizes, other methods) start from it without calibrating again. A plan that does
+  latest ``WINDOW`` row-steps. The table is kept per draft, for the process and on disk
+  (``plans_dir()``, keyed by the draft's weights), so later decodes (other batch sizes, other
+  methods, other processes on this machine) start from it without calibrating again: a short
+  decode no longer pays for a calibration it is too short to earn back. A plan that does
   not draft, chosen on a full window (the first plan is: ``CALIBRATION_STEPS`` = ``WINDOW``),
   is final for its decode (``settled``): the draft stops, and a plain plan's steps are plain
   decoding's (``Decoder.plain_step``).
 - **Cost.** The target's forward of k tokens per row and the draft's, at this batch size
   (``forward_cost``), measured per machine, target, draft architecture and batch size and
-  cached under the data dir (``plans/``) for ``COSTS_MAX_AGE_S``. Rows verified together pay
+  cached in ``plans_dir()`` for ``COSTS_MAX_AGE_S``. Rows verified together pay
   one forward of the largest row's tree. A tree of depth d costs the target forward of its
   nodes plus d - 1 draft expansion forwards and one catch-up forward. What the curve misses
   (host-side work: tree building, masks, acceptance, bookkeeping; forwards slower inside a
@@ -57,7 +59,7 @@ from scylla.decoding.expand import dynamic_shape
 from scylla.decoding.forward_cost import forward_cost
 from scylla.decoding.tree import Tree
 from scylla.decoding.verify import greedy_accepted
-from scylla.paths import data_dir
+from scylla.paths import plans_dir
 
 # row-steps: ~1.4% of a 40-prompt x 128-token bench at batch 1, and a full WINDOW, so a first
 # plan that does not draft is final at once (at batch 1 a window filled by re-planning alone
@@ -234,22 +236,27 @@ def _machine() -> str:
 
 def measured_costs(model: Any, draft: Any, batch: int) -> Costs:
     """The cost curve for this machine, target, draft architecture and batch size: cached as
-    JSON under ``<data dir>/plans`` (measured in seconds on first use, and again once the
-    cached curve is ``COSTS_MAX_AGE_S`` old)."""
+    JSON in ``plans_dir()`` (measured in seconds on first use, and again once the cached curve
+    is ``COSTS_MAX_AGE_S`` old)."""
     shapes = [(n, list(t.shape)) for n, t in [*draft.named_parameters(), *draft.named_buffers()]]
     key = json.dumps([_machine(), torch.__version__, torch.get_num_threads(), str(model.device),
                       str(model.dtype), repr(model.config), type(draft).__name__, shapes, batch,
                       os.environ.get("SCYLLA_CPU_GEMM", "")])
-    path = data_dir() / "plans" / f"costs-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    path = plans_dir() / f"costs-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     if path.is_file() and time.time() - path.stat().st_mtime < COSTS_MAX_AGE_S:
         return Costs(json.loads(path.read_text())["rows"])
     rows = forward_cost(model, list(COST_KS), context=128, draft=draft, repeats=3,
                         roofline=False, batch=batch)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"key": key, "rows": rows}, indent=1))
-    tmp.replace(path)
+    _write_json(path, {"key": key, "rows": rows})
     return Costs(rows)
+
+
+def _write_json(path: Any, content: Any) -> None:
+    """Write whole or not at all (a concurrent reader never sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(content))
+    tmp.replace(path)
 
 
 def forwards_ms(costs: Costs, verified: int, depth: int, width: int, catch_up: int) -> float:
@@ -312,10 +319,64 @@ def choose(steps: list[Step], costs: Costs, width: int, max_match: int = 0, batc
 
 # calibration tables per draft model, for the process (weak: a dropped draft drops its table)
 _TABLES: "weakref.WeakKeyDictionary[Any, dict[Any, list[Step]]]" = weakref.WeakKeyDictionary()
+_DIGESTS: "weakref.WeakKeyDictionary[Any, tuple[Any, str]]" = weakref.WeakKeyDictionary()
+_SAVED = ("scores", "depths", "accepted", "chain", "chain_accepted", "n_draft", "match",
+          "wall_ms", "verified", "catch_up", "batch", "group")
+
+
+def draft_digest(draft: Any) -> str:
+    """sha256 of the draft's weights and buffers (recomputed after an in-place update)."""
+    state = draft.state_dict()
+    versions = tuple(-1 if t.is_inference() else t._version for t in state.values())
+    hit = _DIGESTS.get(draft)
+    if hit is None or hit[0] != versions:
+        h = hashlib.sha256()
+        for name, t in sorted(state.items()):
+            h.update(f"{name}:{t.dtype}:{list(t.shape)}".encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        hit = (versions, h.hexdigest())
+        _DIGESTS[draft] = hit
+    return hit[1]
+
+
+def table_path(draft: Any, key: Any) -> Any:
+    """Where the draft's calibration table for ``key`` lives between processes; the
+    calibration tree's size is part of the name, since the table's steps are verifications of
+    that tree."""
+    name = json.dumps([draft_digest(draft), key, CALIBRATION_DEPTH, CALIBRATION_TOTAL,
+                       CALIBRATION_LOOKUP])
+    return plans_dir() / f"steps-{hashlib.sha256(name.encode()).hexdigest()[:16]}.json"
 
 
 def known_steps(draft: Any, key: Any) -> list[Step]:
-    return _TABLES.setdefault(draft, {}).setdefault(key, [])
+    """The draft's calibration table for ``key``: this process's, else the one saved on this
+    machine (``save_steps``), else empty."""
+    tables = _TABLES.setdefault(draft, {})
+    if key not in tables:
+        tables[key] = load_steps(table_path(draft, key))
+    return tables[key]
+
+
+def load_steps(path: Any) -> list[Step]:
+    if not path.is_file():
+        return []
+    try:
+        rows = json.loads(path.read_text())
+        steps = [Step(**{k: (np.array(r[k]) if k in ("scores", "depths", "accepted") else r[k])
+                         for k in _SAVED}) for r in rows]
+    except (ValueError, KeyError, TypeError):
+        return []  # a table from another version of this code: calibrate again
+    # group numbers are per process: the saved ones become negative, so they never merge with
+    # this process's verifications
+    first = {g: -1 - i for i, g in enumerate(dict.fromkeys(s.group for s in steps))}
+    for s in steps:
+        s.group = first[s.group]
+    return steps
+
+
+def save_steps(path: Any, steps: list[Step]) -> None:
+    _write_json(path, [{k: (v.tolist() if isinstance(v, np.ndarray) else v)
+                        for k, v in ((k, getattr(s, k)) for k in _SAVED)} for s in steps])
 
 
 class AutoPlanner:
@@ -327,10 +388,13 @@ class AutoPlanner:
                  temperature: float):
         """ngram: the lookup's longest n-gram (0: no lookup, the ``tree`` method)."""
         self.width, self.ngram, self.batch = width, ngram, batch
-        self.steps = known_steps(draft, (width, ngram, temperature > 0))
+        key = (width, ngram, temperature > 0)
+        self.steps = known_steps(draft, key)
+        self.table = table_path(draft, key)
         self.calibrating = False  # this step verifies the calibration tree
         self.since = 0  # verifications since the last calibration step
         self.plans = 0  # plans chosen in this decode
+        self.calibrated = 0  # row-steps this decode verified the calibration tree for
         self.ratios: list[float] = []  # speculative steps' wall time over their forwards'
         self.shape = dynamic_shape(width, CALIBRATION_DEPTH, CALIBRATION_TOTAL)
         # measured (or read from the cache) before the decode starts: a bench's untimed warm-up
@@ -364,10 +428,13 @@ class AutoPlanner:
     def record(self, proposer: Any, tree: Tree, n_draft: int, chains: list[list[int]],
                matches: list[int], logits: torch.Tensor, wall_ms: float, catch_up: int
                ) -> None:
-        self.steps.extend(record(tree, n_draft, chains, matches, logits, wall_ms, catch_up))
+        new = record(tree, n_draft, chains, matches, logits, wall_ms, catch_up)
+        self.calibrated += len(new)
+        self.steps.extend(new)
         del self.steps[:-WINDOW]
         self.calibrating, self.since = False, 0
         if len(self.steps) >= CALIBRATION_STEPS:
+            save_steps(self.table, self.steps)
             proposer.plan = self.apply(proposer)
 
     def observe(self, plan: Plan, wall_ms: float, verified: int, catch_up: int) -> None:
