@@ -104,3 +104,18 @@ def test_autograd_falls_back_to_f_linear_and_builds_no_copy():
     with torch.no_grad():  # no autograd recording: the seam's path
         lin(x)
     assert lin._copies._copies or kernels.choose_path(3, 8, 6, torch.float32) in ("wide", "linear")
+
+
+@pytest.mark.skipif(not kernels.HAVE_AVX2, reason="the rows kernel needs AVX2")
+@pytest.mark.parametrize("shape", [(576, 960), (577, 49151)])
+def test_rows_kernel_rows_equal_their_one_row_products_bit_for_bit(shape):
+    """Every row count (odd K and N included) computes each row exactly as one row alone."""
+    in_f, out_f = shape
+    torch.manual_seed(4)
+    lin = Linear(in_f, out_f, bias=False)
+    x = torch.randn(17, in_f)
+    with torch.inference_mode(), kernels.use_path("rows"):
+        single = torch.cat([lin(x[r:r + 1]) for r in range(17)])
+        for rows in range(1, 18):
+            assert torch.equal(lin(x[:rows]), single[:rows]), rows
+        torch.testing.assert_close(single, F.linear(x, lin.weight), atol=1e-4, rtol=1e-5)
