@@ -184,8 +184,7 @@ def test_table_shows_methods_and_categories(tiny_bench):
     assert "plain" in text and "qa" in text and "rag" in text and "yes" in text
 
 
-def test_batch_sweep_times_plain_once_per_batch_size_and_every_tree_is_exact(
-        tiny_bench, tmp_path, monkeypatch):
+def test_batch_sweep_times_plain_once_per_batch_size_and_every_tree_is_exact(tiny_bench):
     bench = Bench(tiny_bench.target, random_draft(tiny_bench.target), tiny_bench.hf)
     runs = []
     timed = bench.timed

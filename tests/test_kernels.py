@@ -37,26 +37,37 @@ def test_batched_and_strided_inputs(path):
         assert head(torch.randn(0, 1, 32)).shape == (0, 1, 300)
 
 
-@pytest.mark.skipif(not kernels.HAVE_ONEDNN, reason="oneDNN not built into this torch")
-@pytest.mark.parametrize("shape", [(64, 96), (576, 960), (1536, 576)])
-def test_packed_rows_equal_their_one_row_products_bit_for_bit(shape):
-    """What keeps a verify forward's linears token-exact against plain decoding's."""
+ROW_INDEPENDENT = [  # (path, the fewest rows from which it is row-independent)
+    pytest.param("packed", 2, marks=pytest.mark.skipif(not kernels.HAVE_ONEDNN,
+                                                       reason="oneDNN not built into this torch")),
+    pytest.param("rows", 1, marks=pytest.mark.skipif(not kernels.HAVE_AVX2,
+                                                     reason="the rows kernel needs AVX2"))]
+
+
+@pytest.mark.parametrize("path, fewest", ROW_INDEPENDENT)
+@pytest.mark.parametrize("shape", [(64, 96), (577, 960), (1536, 576), (576, 49151)])
+def test_row_independent_paths_compute_each_row_alike_for_every_row_count(path, fewest, shape):
+    """What keeps a verify forward's linears token-exact against plain decoding's (odd K and N
+    included: the kernels' tails)."""
     in_f, out_f = shape
     torch.manual_seed(2)
     lin = Linear(in_f, out_f, bias=True)
     x = torch.randn(40, in_f)
-    with torch.inference_mode(), kernels.use_path("packed"):
-        single = torch.cat([lin(x[r:r + 1]) for r in range(40)])
-        for rows in ROWS:
-            assert torch.equal(lin(x[:rows]), single[:rows]), rows
-            assert torch.equal(lin(x[:rows].view(1, rows, in_f))[0], single[:rows]), rows
+    with torch.inference_mode(), kernels.use_path(path):
+        alone = lin(x) if fewest > 1 else torch.cat([lin(x[r:r + 1]) for r in range(40)])
+        for rows in [r for r in ROWS if r >= fewest]:
+            assert torch.equal(lin(x[:rows]), alone[:rows]), rows
+            assert torch.equal(lin(x[:rows].view(1, rows, in_f))[0], alone[:rows]), rows
+    torch.testing.assert_close(alone, F.linear(x, lin.weight, lin.bias), atol=1e-4, rtol=1e-5)
 
 
 def test_default_path_per_row_count_and_dtype():
+    rows = "rows" if kernels.rows_available() else None
     if kernels.HAVE_ONEDNN:
-        assert kernels.choose_path(1, 576, 960, torch.float32) == "transposed"
-        assert kernels.choose_path(2, 576, 960, torch.float32) == "packed"
-        assert kernels.choose_path(16, 576, 49152, torch.float32) == "packed"
+        assert kernels.choose_path(1, 576, 960, torch.float32) == rows or "transposed"
+        assert kernels.choose_path(2, 576, 960, torch.float32) == rows or "packed"
+        assert kernels.choose_path(kernels.ROWS_MAX, 576, 49152, torch.float32) == rows or "packed"
+        assert kernels.choose_path(kernels.ROWS_MAX + 1, 576, 960, torch.float32) == "packed"
     assert kernels.choose_path(2, 576, 960, torch.bfloat16) == "transposed"
     assert kernels.choose_path(8, 576, 960, torch.bfloat16) == "linear"
     with kernels.use_path("wide"):
@@ -101,21 +112,26 @@ def test_autograd_falls_back_to_f_linear_and_builds_no_copy():
     y.sum().backward()
     torch.testing.assert_close(x.grad, lin.weight.sum(0).expand(3, 8))
     assert not lin._copies._copies
-    with torch.no_grad():  # no autograd recording: the seam's path
+    with torch.no_grad(), kernels.use_path("transposed"):  # no autograd recording: the seam's
         lin(x)
-    assert lin._copies._copies or kernels.choose_path(3, 8, 6, torch.float32) in ("wide", "linear")
+    assert lin._copies._copies
 
 
-@pytest.mark.skipif(not kernels.HAVE_AVX2, reason="the rows kernel needs AVX2")
-@pytest.mark.parametrize("shape", [(576, 960), (577, 49151)])
-def test_rows_kernel_rows_equal_their_one_row_products_bit_for_bit(shape):
-    """Every row count (odd K and N included) computes each row exactly as one row alone."""
-    in_f, out_f = shape
-    torch.manual_seed(4)
-    lin = Linear(in_f, out_f, bias=False)
-    x = torch.randn(17, in_f)
-    with torch.inference_mode(), kernels.use_path("rows"):
-        single = torch.cat([lin(x[r:r + 1]) for r in range(17)])
-        for rows in range(1, 18):
-            assert torch.equal(lin(x[:rows]), single[:rows]), rows
-        torch.testing.assert_close(single, F.linear(x, lin.weight), atol=1e-4, rtol=1e-5)
+
+def test_a_kernel_that_does_not_build_warns_once_and_leaves_the_library_paths(monkeypatch):
+    def broken():
+        raise kernels.ConfigError("GEMM path 'rows': could not compile rows_gemm.cpp (no g++)")
+
+    monkeypatch.setattr(kernels, "_rows_kernel", broken)
+    monkeypatch.setattr(kernels, "HAVE_AVX2", True)
+    kernels.rows_available.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="no g\\+\\+.*oneDNN/MKL paths instead"):
+            assert not kernels.rows_available()
+        assert kernels.choose_path(4, 8, 8, torch.float32) in ("packed", "linear")
+        lin = Linear(8, 6)
+        with torch.inference_mode():
+            torch.testing.assert_close(lin(torch.ones(4, 8)), F.linear(torch.ones(4, 8),
+                                                                      lin.weight, lin.bias))
+    finally:
+        kernels.rows_available.cache_clear()

@@ -41,6 +41,7 @@ from scylla.data.shards import (
     write_shard,
 )
 from scylla.errors import ConfigError, DataError
+from scylla.modeling import kernels
 from scylla.modeling.targets import TargetInfo
 
 HIDDEN_DTYPES = ("bfloat16", "float16", "float32")
@@ -211,8 +212,11 @@ def shard_tensors(model: Any, examples: Sequence[tuple[np.ndarray, np.ndarray]],
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         for r, i in enumerate(batch):
             ids[r, :lengths[i]] = torch.from_numpy(examples[i][0].astype(np.int64))
-        res = model(ids.to(device), cache=None, hidden_layers=tuple(layers),
-                    compute_logits=store_argmax)
+        # one row-independent GEMM path for every batch shape (kernels' ``rows`` serves only
+        # up to ROWS_MAX rows): a shard's bits never depend on --build-batch-tokens
+        with kernels.use_path("packed" if kernels.HAVE_ONEDNN else None):
+            res = model(ids.to(device), cache=None, hidden_layers=tuple(layers),
+                        compute_logits=store_argmax)
         for r, i in enumerate(batch):
             a, b = int(offsets[i]), int(offsets[i + 1])
             out["last_hidden"][a:b] = res.last_hidden[r, :lengths[i]].to("cpu", dtype)

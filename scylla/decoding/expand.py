@@ -78,7 +78,7 @@ def static_shape(paths: list[tuple[int, ...]]) -> TreeShape:
     children = tuple(max(p[-1] for p in level) + 1 for level in by_level)
     flat: dict[tuple[int, ...], int] = {}
     frontier: list[tuple[int, ...]] = []
-    base = 0
+    base = prev_base = 0  # prev_base: the level above's first flat index
     for d, level in enumerate(by_level):
         if d == 0:
             for p in level:

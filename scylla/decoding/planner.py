@@ -348,12 +348,12 @@ def table_path(draft: Any, key: Any) -> Any:
     return plans_dir() / f"steps-{hashlib.sha256(name.encode()).hexdigest()[:16]}.json"
 
 
-def known_steps(draft: Any, key: Any) -> list[Step]:
+def known_steps(draft: Any, key: Any, path: Any) -> list[Step]:
     """The draft's calibration table for ``key``: this process's, else the one saved on this
-    machine (``save_steps``), else empty."""
+    machine at ``path`` (``table_path``, ``save_steps``), else empty."""
     tables = _TABLES.setdefault(draft, {})
     if key not in tables:
-        tables[key] = load_steps(table_path(draft, key))
+        tables[key] = load_steps(path)
     return tables[key]
 
 
@@ -389,8 +389,8 @@ class AutoPlanner:
         """ngram: the lookup's longest n-gram (0: no lookup, the ``tree`` method)."""
         self.width, self.ngram, self.batch = width, ngram, batch
         key = (width, ngram, temperature > 0)
-        self.steps = known_steps(draft, key)
         self.table = table_path(draft, key)
+        self.steps = known_steps(draft, key, self.table)
         self.calibrating = False  # this step verifies the calibration tree
         self.since = 0  # verifications since the last calibration step
         self.plans = 0  # plans chosen in this decode

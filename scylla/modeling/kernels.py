@@ -10,36 +10,40 @@ once and the kernel's small-M behaviour decides the step's cost. The paths:
 ``wide``        ``(W @ x.T).T``: the (out, in) weight streamed as the left operand.
 ``linear``      ``F.linear`` itself: always on CUDA, under autograd, and for dtypes other than
                 fp32 (oneDNN has no fast bf16/fp16 kernel on AVX2).
-``rows``        our AVX2 kernel (``rows_gemm.cpp``, compiled on first use into
-                ``<data dir>/kernels``): parallel over weight rows, bit-identical per row for
-                every M. Opt-in for now (``SCYLLA_CPU_GEMM=rows``). On the 2-core EPYC, the
-                121 linears of SmolLM2-135M (2 threads, median ms, one run of interleaved
-                repeats): M = 1: rows 22.7 / packed 31.6 (transposed ~32); M = 2: 27.0 / 32.5;
-                M = 4: 32.3 / 37.3; M = 8: 43.2 / 56.9; M = 16: 68.2 / 77.1. At M = 1 that is
-                ~24 GB/s, the machine's stream bandwidth; the library paths use one core's.
+``rows``        our AVX2 kernel (``rows_gemm.cpp``, compiled on first use by torch's extension
+                builder into ``~/.cache/torch_extensions``, ~35 s on 2 cores): parallel over
+                weight rows, bit-identical per row for every M.
 
-The default for fp32 (``choose_path``): ``transposed`` for a single row, ``packed`` for two or
-more. Measured on the 2-core AVX2 EPYC (torch 2.13, 2 threads, median ms over interleaved
-repeats of the 121 linears of SmolLM2-135M incl. its LM head, a shared machine): at M = 1
-F.linear 42 / transposed 32 / wide 46 / packed 30-37 (tied; at 1 thread transposed is ~15%
-faster: 62 vs 71 ms per whole forward); at M = 2-16 ``packed`` is best or within noise of
-``wide`` (M = 8: 47 vs 55, M = 16: 57 vs 65) while ``F.linear`` costs 80-97 ms and
-``transposed`` 53-106. Whole forwards (see ``scylla bench --forward-cost``) go from 2.2x the
-k = 1 cost at k = 8 to 1.4-1.5x.
+The default for fp32 (``choose_path``): ``rows`` for up to ``ROWS_MAX`` rows where the CPU has
+AVX2 and the kernel builds; otherwise (and above ``ROWS_MAX``) ``transposed`` for a single row
+and ``packed`` for two or more. Measured on the 2-core AVX2 EPYC (torch 2.13, 2 threads, the
+121 linears of SmolLM2-135M incl. its LM head, median ms over interleaved repeats):
+
+- a quiet machine: M = 1: rows 22.7 / packed 31.6 (transposed ~32); M = 2: 27.0 / 32.5;
+  M = 4: 32.3 / 37.3; M = 8: 43.2 / 56.9; M = 16: 68.2 / 77.1. At M = 1 rows streams ~24 GB/s,
+  the machine's stream bandwidth; the library paths use one core's (~16 GB/s, the same speed
+  at 1 and 2 threads).
+- the same machine ~1.6x slower (a busy host), rows / packed: M = 1: 36 / 50; M = 8: 70 / 78;
+  M = 16: 102 / 117; M = 32: 170 / 181; M = 64: 303 / 317; M = 128: 602 / 566; hence
+  ``ROWS_MAX`` = 64.
+- the library paths, earlier: at M = 1 F.linear 42 / transposed 32 / wide 46 / packed 30-37;
+  at M = 2-16 ``packed`` is best or within noise of ``wide`` (M = 8: 47 vs 55, M = 16: 57 vs
+  65) while ``F.linear`` costs 80-97 ms and ``transposed`` 53-106.
 
 Exactness. Speculative decoding at T=0 must emit plain decoding's tokens, and plain decoding
-multiplies 1 row (B rows in a batch) where verification multiplies k (B*k). ``packed`` is
-row-independent: row r of an M-row product is bit-identical to that row's 1-row product for
-every M tried (1..300, 1 and 2 threads, SmolLM2's shapes and the 49k-row LM head;
-``tests/test_kernels.py`` checks it), so a batch of B plain rows or a verify forward of k >= 2
-rows computes its linears exactly as any other row count >= 2 does. ``F.linear`` and ``wide``
-differ from their 1-row results at every M >= 2, ``transposed`` at M >= 4. The 1-row product
-(``transposed``) is not bit-identical to ``packed`` (~1e-6 relative), but neither is attention:
-SDPA over k masked query rows differs from SDPA over one unmasked row by ~2e-7 per call, so a
-k-token forward's logits differ from k one-token forwards by 3-7e-5 whichever linear path is
-used (measured on SmolLM2: packed-only 3-5e-5, this default 4-7e-5, F.linear 2-6e-5). Token
-exactness therefore rests on argmax gaps larger than that (a near-tie below ~1e-4 could flip
-under any of these paths, as it could before this seam); bench runs are checked for it.
+multiplies 1 row (B rows in a batch) where verification multiplies k (B*k). ``rows`` computes
+each output element by the same operations for every M, and ``packed`` is row-independent for
+M >= 2 (row r of an M-row product is bit-identical to that row's product in any other M >= 2,
+for every M tried: 1..300, 1 and 2 threads, SmolLM2's shapes and the 49k-row LM head);
+``tests/test_kernels.py`` checks both. So with ``rows`` the linears of a verify forward of up
+to ``ROWS_MAX`` rows equal plain decoding's bit for bit. ``F.linear`` and ``wide`` differ from
+their 1-row results at every M >= 2, ``transposed`` at M >= 4, and the paths differ from each
+other (~1e-6 relative). Attention is not row-independent either: SDPA over k masked query rows
+differs from SDPA over one unmasked row by ~2e-7 per call, so a k-token forward's logits differ
+from k one-token forwards by 3-7e-5 whichever linear path is used (measured on SmolLM2 before
+``rows``: packed-only 3-5e-5, transposed + packed 4-7e-5, F.linear 2-6e-5). Token exactness
+therefore rests on argmax gaps larger than that (a near-tie below ~1e-4 could flip under any
+of these paths); bench runs are checked for it.
 Other paths stay selectable (``use_path``, env ``SCYLLA_CPU_GEMM``) for benchmarks.
 
 Derived copies (packed and transposed weights: up to twice the weights' memory besides them)
@@ -52,6 +56,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -73,25 +78,38 @@ def _onednn_ok() -> bool:
 HAVE_ONEDNN = _onednn_ok()
 # the rows kernel is written for AVX2 + FMA (the 2-core EPYC has no AVX-512)
 HAVE_AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+# the most rows the default sends to ``rows``: it beats ``packed`` up to 64, not at 128
+ROWS_MAX = 64
 
 
 @functools.cache
 def _rows_kernel() -> Any:
-    """The compiled ``rows_gemm.cpp`` (built once per machine and source, ~35 s on 2 cores)."""
+    """The compiled ``rows_gemm.cpp``: built once per machine and source (~35 s on 2 cores)
+    in torch's extension directory (``TORCH_EXTENSIONS_DIR``), loaded in ~40 ms after that."""
     from torch.utils.cpp_extension import load_inline
 
-    from scylla.paths import data_dir
-
-    build = data_dir() / "kernels"
-    build.mkdir(parents=True, exist_ok=True)
     source = (Path(__file__).parent / "rows_gemm.cpp").read_text()
     try:
         return load_inline("scylla_rows_gemm", source, functions=["rows_linear"],
                            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
-                           extra_ldflags=["-fopenmp"], build_directory=str(build))
+                           extra_ldflags=["-fopenmp"])
     except (RuntimeError, OSError) as e:
-        raise ConfigError(f"GEMM path 'rows': could not compile rows_gemm.cpp in {build} "
-                          f"(needs a C++ compiler and the Python headers): {e}") from e
+        raise ConfigError(f"GEMM path 'rows': could not compile rows_gemm.cpp (needs a C++ "
+                          f"compiler, ninja and the Python headers): {e}") from e
+
+
+@functools.cache
+def rows_available() -> bool:
+    """Whether the default may use ``rows``: AVX2 and a kernel that builds. A failed build
+    warns once and leaves the library paths."""
+    if not HAVE_AVX2:
+        return False
+    try:
+        _rows_kernel()
+    except ConfigError as e:
+        warnings.warn(f"{e}; using the oneDNN/MKL paths instead", RuntimeWarning, stacklevel=2)
+        return False
+    return True
 
 
 @contextlib.contextmanager
@@ -110,8 +128,9 @@ def use_path(path: str | None) -> Iterator[None]:
 def choose_path(rows: int, in_features: int, out_features: int, dtype: torch.dtype) -> str:
     """The CPU inference path for a (rows, in) x (in, out) product of ``dtype``.
 
-    fp32: the transposed copy for one row, ``packed`` for more (measured, see the module
-    docstring). Other dtypes: the transposed copy for up to 3 rows, else ``F.linear``.
+    fp32: ``rows`` up to ``ROWS_MAX`` rows where it is available, else the transposed copy
+    for one row and ``packed`` for more (measured, see the module docstring). Other dtypes: the
+    transposed copy for up to 3 rows, else ``F.linear``.
     """
     if _forced is not None:
         if _forced not in PATHS:
@@ -119,6 +138,8 @@ def choose_path(rows: int, in_features: int, out_features: int, dtype: torch.dty
         if _forced == "rows":
             return "rows" if HAVE_AVX2 and dtype == torch.float32 else "linear"
         return _forced if (_forced != "packed" or _packable(dtype)) else "linear"
+    if dtype == torch.float32 and rows <= ROWS_MAX and rows_available():
+        return "rows"
     if _packable(dtype):
         return "transposed" if rows == 1 else "packed"
     return "transposed" if rows <= 3 else "linear"
