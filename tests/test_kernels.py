@@ -120,7 +120,7 @@ def test_autograd_falls_back_to_f_linear_and_builds_no_copy():
 
 def test_a_kernel_that_does_not_build_warns_once_and_leaves_the_library_paths(monkeypatch):
     def broken():
-        raise kernels.ConfigError("GEMM path 'rows': could not compile rows_gemm.cpp (no g++)")
+        raise kernels.ConfigError("GEMM path 'rows': could not compile cpu_kernels.cpp (no g++)")
 
     monkeypatch.setattr(kernels, "_rows_kernel", broken)
     monkeypatch.setattr(kernels, "HAVE_AVX2", True)
@@ -135,3 +135,29 @@ def test_a_kernel_that_does_not_build_warns_once_and_leaves_the_library_paths(mo
                                                                       lin.weight, lin.bias))
     finally:
         kernels.rows_available.cache_clear()
+
+
+@pytest.mark.skipif(not kernels.HAVE_AVX2, reason="the CPU kernels need AVX2")
+def test_fused_norm_and_attention_match_aten_and_compute_each_row_alone():
+    torch.manual_seed(5)
+    x, w = torch.randn(2, 7, 577), torch.randn(577)  # odd width: the scalar tail
+    q, cache_k, cache_v = torch.randn(2, 3, 12, 64), torch.randn(2, 3, 64, 64), torch.randn(
+        2, 3, 64, 64)
+    keys, values = cache_k.narrow(2, 0, 40), cache_v.narrow(2, 0, 40)  # cache views
+    mask = torch.zeros(2, 1, 12, 40).masked_fill_(torch.rand(2, 1, 12, 40) < 0.3, -3.0e38)
+    mask[..., 0] = 0.0  # every row sees one key at least
+    with torch.inference_mode():
+        norm = kernels.rms_norm(x, w, 1e-5)
+        torch.testing.assert_close(norm, F.rms_norm(x, (577,), w, 1e-5))
+        assert torch.equal(torch.cat([kernels.rms_norm(x[:, i:i + 1], w, 1e-5)
+                                      for i in range(7)], 1), norm)
+        for m in (mask, None):
+            out = kernels.attend(q, keys, values, m)
+            torch.testing.assert_close(out, F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=m), atol=1e-6, rtol=1e-5)
+            alone = [kernels.attend(q[:, :, r:r + 1], keys, values,
+                                    None if m is None else m[:, :, r:r + 1]) for r in range(12)]
+            assert torch.equal(torch.cat(alone, 2), out)
+    x.requires_grad_(True)  # autograd records: ATen's ops, not the kernels
+    assert kernels.rms_norm(x, w, 1e-5) is None
+    assert kernels.attend(q.requires_grad_(True), keys, values, None) is None

@@ -6,7 +6,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from scylla.errors import TargetError
-from scylla.modeling import LlamaFamilyModel, ModelConfig
+from scylla.modeling import LlamaFamilyModel, ModelConfig, kernels
 
 ATOL = 1e-4
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -140,6 +140,28 @@ def test_tree_append_equals_each_path_alone():
             seq = torch.cat([prompts[b, : prefix_lens[b]], tokens[b, path]])[None]
             alone = model(seq).logits[0, prefix_lens[b]:]
             torch.testing.assert_close(out[b, path], alone, atol=ATOL, rtol=0)
+
+
+@pytest.mark.skipif(not kernels.HAVE_AVX2, reason="the CPU kernels need AVX2")
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@torch.inference_mode()
+def test_a_tree_verify_forward_computes_each_path_as_plain_decoding_does_bit_for_bit(kind):
+    """fp32 CPU: the rows GEMM, the fused norm and the decode-step attention compute every row
+    alone, so verification's logits are plain decoding's, not merely close (T=0 exactness does
+    not rest on argmax gaps)."""
+    if not kernels.rows_available():
+        pytest.skip("the CPU kernels did not build")
+    gen = torch.Generator().manual_seed(5)
+    model = ours_of(tiny_hf(kind, "default"))
+    prefix_lens = torch.tensor([9, 6])
+    prompts, parents, tokens, _, out = append_random_trees(model, gen, prefix_lens, 10)
+    for b in range(2):
+        for path in tree_paths(parents[b]):
+            cache = model.new_cache(1, 64)
+            model(prompts[b:b + 1, :prefix_lens[b]], cache=cache)
+            for node in path:
+                step = model(tokens[b:b + 1, node:node + 1], cache=cache).logits[0, 0]
+                assert torch.equal(step, out[b, node]), (b, path, node)
 
 
 @torch.inference_mode()

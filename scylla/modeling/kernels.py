@@ -1,4 +1,5 @@
-"""The one seam for dense products (x @ W.T + b) of inference on CPU: a GEMM path per shape.
+"""The one seam for dense products (x @ W.T + b) of inference on CPU: a GEMM path per shape;
+and the fused fp32 CPU kernels of a decode step (``rms_norm``, ``attend``).
 
 Decoding multiplies a few rows (1 token per row for plain decoding, k tree tokens for a verify
 forward) by weights that are far larger than the cache, so each product streams its weight
@@ -10,9 +11,13 @@ once and the kernel's small-M behaviour decides the step's cost. The paths:
 ``wide``        ``(W @ x.T).T``: the (out, in) weight streamed as the left operand.
 ``linear``      ``F.linear`` itself: always on CUDA, under autograd, and for dtypes other than
                 fp32 (oneDNN has no fast bf16/fp16 kernel on AVX2).
-``rows``        our AVX2 kernel (``rows_gemm.cpp``, compiled on first use by torch's extension
-                builder into ``~/.cache/torch_extensions``, ~35 s on 2 cores): parallel over
-                weight rows, bit-identical per row for every M.
+``rows``        our AVX2 kernel (``cpu_kernels.cpp``, compiled on first use by torch's
+                extension builder into ``~/.cache/torch_extensions``, ~35 s on 2 cores):
+                parallel over weight rows, bit-identical per row for every M.
+
+The same build holds ``rms_norm`` (``RMSNorm`` in fp32 CPU inference uses it wherever ``rows``
+is available): ATen's CPU ``F.rms_norm`` is a composite of small ops that cost ~8-13 ms of a
+~65 ms SmolLM2 k = 1 forward (61 norms; interleaved runs with the norms removed).
 
 The default for fp32 (``choose_path``): ``rows`` for up to ``ROWS_MAX`` rows where the CPU has
 AVX2 and the kernel builds; otherwise (and above ``ROWS_MAX``) ``transposed`` for a single row
@@ -31,19 +36,19 @@ and ``packed`` for two or more. Measured on the 2-core AVX2 EPYC (torch 2.13, 2 
   65) while ``F.linear`` costs 80-97 ms and ``transposed`` 53-106.
 
 Exactness. Speculative decoding at T=0 must emit plain decoding's tokens, and plain decoding
-multiplies 1 row (B rows in a batch) where verification multiplies k (B*k). ``rows`` computes
-each output element by the same operations for every M, and ``packed`` is row-independent for
-M >= 2 (row r of an M-row product is bit-identical to that row's product in any other M >= 2,
-for every M tried: 1..300, 1 and 2 threads, SmolLM2's shapes and the 49k-row LM head);
-``tests/test_kernels.py`` checks both. So with ``rows`` the linears of a verify forward of up
-to ``ROWS_MAX`` rows equal plain decoding's bit for bit. ``F.linear`` and ``wide`` differ from
-their 1-row results at every M >= 2, ``transposed`` at M >= 4, and the paths differ from each
-other (~1e-6 relative). Attention is not row-independent either: SDPA over k masked query rows
-differs from SDPA over one unmasked row by ~2e-7 per call, so a k-token forward's logits differ
-from k one-token forwards by 3-7e-5 whichever linear path is used (measured on SmolLM2 before
-``rows``: packed-only 3-5e-5, transposed + packed 4-7e-5, F.linear 2-6e-5). Token exactness
-therefore rests on argmax gaps larger than that (a near-tie below ~1e-4 could flip under any
-of these paths); bench runs are checked for it.
+multiplies 1 row (B rows in a batch) where verification multiplies k (B*k). With the kernels of
+``cpu_kernels.cpp`` (fp32, AVX2, up to ``ROWS_MAX`` new tokens per row) every step of a
+forward computes each row alone by the same operations: the ``rows`` GEMM, the fused norm,
+``attend`` (a masked key adds an exact 0 to each sum), and ATen's elementwise ops (rotary,
+SiLU, residuals: one rounding per element). So a verify forward's logits for a tree path equal
+plain decoding's bit for bit (``tests/test_modeling.py`` checks it; with SDPA it fails).
+Elsewhere exactness rests on argmax gaps: ``packed`` is row-independent for M >= 2 (every M
+tried: 1..300, 1 and 2 threads, SmolLM2's shapes and the 49k-row LM head), ``F.linear`` and
+``wide`` differ from their 1-row results at every M >= 2, ``transposed`` at M >= 4, the paths
+differ from each other (~1e-6 relative), and SDPA over k masked query rows differs from SDPA
+over one unmasked row by ~2e-7 per call, so a k-token forward's logits differ from k one-token
+forwards by 3-7e-5 (measured on SmolLM2 before these kernels); a near-tie below ~1e-4 could
+flip there, and bench runs are checked for it.
 Other paths stay selectable (``use_path``, env ``SCYLLA_CPU_GEMM``) for benchmarks.
 
 Derived copies (packed and transposed weights: up to twice the weights' memory besides them)
@@ -84,17 +89,18 @@ ROWS_MAX = 64
 
 @functools.cache
 def _rows_kernel() -> Any:
-    """The compiled ``rows_gemm.cpp``: built once per machine and source (~35 s on 2 cores)
+    """The compiled ``cpu_kernels.cpp``: built once per machine and source (~35 s on 2 cores)
     in torch's extension directory (``TORCH_EXTENSIONS_DIR``), loaded in ~40 ms after that."""
     from torch.utils.cpp_extension import load_inline
 
-    source = (Path(__file__).parent / "rows_gemm.cpp").read_text()
+    source = (Path(__file__).parent / "cpu_kernels.cpp").read_text()
     try:
-        return load_inline("scylla_rows_gemm", source, functions=["rows_linear"],
+        return load_inline("scylla_cpu_kernels", source,
+                           functions=["rows_linear", "rms_norm", "attend"],
                            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
                            extra_ldflags=["-fopenmp"])
     except (RuntimeError, OSError) as e:
-        raise ConfigError(f"GEMM path 'rows': could not compile rows_gemm.cpp (needs a C++ "
+        raise ConfigError(f"GEMM path 'rows': could not compile cpu_kernels.cpp (needs a C++ "
                           f"compiler, ninja and the Python headers): {e}") from e
 
 
@@ -178,6 +184,27 @@ class WeightCopies:
 
     def clear(self) -> None:
         self._copies = {}
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """The fused fp32 RMSNorm of ``cpu_kernels.cpp`` for CPU inference, or None where it does
+    not apply (another dtype or device, autograd recording, no kernel)."""
+    if (x.dtype != torch.float32 or weight.dtype != torch.float32 or not cpu_inference(x, weight)
+            or not rows_available()):
+        return None
+    return _rows_kernel().rms_norm(x, weight, eps)
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+           mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Attention of a decode step's few query rows (B, H, R, D) against cache views (B, H, T, D)
+    with an additive mask (B, 1, R, T) or None, by ``cpu_kernels.cpp``; None where it does not
+    apply (another dtype or device, autograd recording, no kernel)."""
+    if (q.dtype != torch.float32 or keys.dtype != torch.float32 or not cpu_inference(q, keys)
+            or not rows_available()):
+        return None
+    empty = q.new_empty(0)
+    return _rows_kernel().attend(q, keys, values, empty if mask is None else mask)
 
 
 def cpu_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -44,6 +44,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = kernels.rms_norm(x, self.weight, self.eps)  # fp32 CPU inference, one pass
+        if fused is not None:
+            return fused
         if x.dtype == torch.float32 and not (torch.is_grad_enabled() and (
                 x.requires_grad or self.weight.requires_grad)):
             # fp32 inference: one fused kernel instead of eight small ops (61 norms per
@@ -111,17 +114,24 @@ class Attention(nn.Module):
                 k_cache.scatter_(2, step.write_idx, k_new)
                 v_cache.scatter_(2, step.write_idx, v_new)
             keys, values = k_cache.narrow(2, 0, step.key_len), v_cache.narrow(2, 0, step.key_len)
-        if step.causal and heads != n_kv:
-            # SDPA's causal flag cannot see the folded rows: spell the mask out
-            causal = torch.ones(n_new, n_new, dtype=torch.bool, device=x.device).tril()
-            mask = causal.repeat(heads // n_kv, 1)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        else:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask,
-                                                 is_causal=step.causal)
+        out = None
+        if kv is not None and n_new <= kernels.ROWS_MAX:  # a decode step: the fp32 CPU kernel
+            out = kernels.attend(q, keys, values, step.mask)
+        if out is None:
+            out = self._sdpa(q, keys, values, step)
         # (B, Hkv, g*K, D) -> (B, K, Hq*D) with heads in HF order (kv head major)
         out = out.reshape(batch, heads, n_new, dim).transpose(1, 2)
         return self.o_proj(out.reshape(batch, n_new, heads * dim))
+
+    def _sdpa(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+              step: AttentionStep) -> torch.Tensor:
+        if step.causal and self.n_heads != self.n_kv:
+            # SDPA's causal flag cannot see the folded rows: spell the mask out
+            causal = torch.ones(step.n_new, step.n_new, dtype=torch.bool, device=q.device).tril()
+            mask = causal.repeat(self.n_heads // self.n_kv, 1)
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask,
+                                              is_causal=step.causal)
 
 
 class DecoderLayer(nn.Module):

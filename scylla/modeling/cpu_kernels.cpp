@@ -1,0 +1,208 @@
+// CPU inference kernels of scylla.modeling.kernels (fp32, AVX2 + FMA), each computing every
+// row of its output by the same operations whatever the row count:
+//
+// rows_linear: the ``rows`` GEMM path, y = x @ w.T for x (M, K) and w (N, K), both row-major,
+// parallel over weight rows with ATen's thread pool.
+// rms_norm: y = w * x / sqrt(mean(x^2) + eps) per row of x (M, H). ATen's CPU rms_norm is a
+// composite of ~8 small ops, ~40 us for one 576-float row and more inside a forward (61 per
+// SmolLM2 forward); this is one pass.
+// attend: softmax(q k^T / sqrt(D) + mask) v for a few query rows against cached keys, one
+// query row at a time (SDPA's CPU kernel costs ~60-150 us per call for 3 rows).
+//
+// Every output y[m][o] is computed by the same sequence of operations whatever M is and
+// however rows are blocked: one 8-lane FMA accumulator over k in steps of 8, a fixed horizontal
+// sum, then scalar FMAs over the k % 8 tail. So row m of an M-row product is bit-identical to
+// that row's 1-row product (plain decoding and a verify forward compute their linears alike).
+//
+// Blocks of O weight rows x R input rows keep O * R independent accumulators in flight (FMA
+// latency, not loads, limited the first version on the 2-core EPYC); each weight row is read
+// from memory once per call and reused from L1 for every block of input rows.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+static inline float hsum(__m256 v) {
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  __m128 sh = _mm_movehdup_ps(lo);
+  __m128 s = _mm_add_ps(lo, sh);
+  sh = _mm_movehl_ps(sh, s);
+  return _mm_cvtss_f32(_mm_add_ss(s, sh));
+}
+
+template <int O, int R>
+static inline void block(const float* w, const float* x, int64_t K, float* y, int64_t N) {
+  __m256 a[O][R];
+  for (int i = 0; i < O; ++i)
+    for (int r = 0; r < R; ++r) a[i][r] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 wv[O];
+    for (int i = 0; i < O; ++i) wv[i] = _mm256_loadu_ps(w + i * K + k);
+    for (int r = 0; r < R; ++r) {
+      __m256 xv = _mm256_loadu_ps(x + r * K + k);
+      for (int i = 0; i < O; ++i) a[i][r] = _mm256_fmadd_ps(wv[i], xv, a[i][r]);
+    }
+  }
+  for (int i = 0; i < O; ++i)
+    for (int r = 0; r < R; ++r) {
+      float s = hsum(a[i][r]);
+      for (int64_t t = k; t < K; ++t) s = std::fma(w[i * K + t], x[r * K + t], s);
+      y[r * N + i] = s;
+    }
+}
+
+// O weight rows against all M input rows, R at a time
+template <int O, int R>
+static inline void rows(const float* w, const float* x, int64_t M, int64_t K, float* y,
+                        int64_t N) {
+  int64_t m = 0;
+  for (; m + R <= M; m += R) block<O, R>(w, x + m * K, K, y + m * N, N);
+  switch (M - m) {
+    case 3: block<O, 3>(w, x + m * K, K, y + m * N, N); break;
+    case 2: block<O, 2>(w, x + m * K, K, y + m * N, N); break;
+    case 1: block<O, 1>(w, x + m * K, K, y + m * N, N); break;
+  }
+}
+
+template <int O, int R>
+static void run(const float* w, const float* x, int64_t M, int64_t K, float* y, int64_t N) {
+  const int64_t groups = N / O;
+  at::parallel_for(0, groups + 1, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      if (p < groups) {
+        rows<O, R>(w + p * O * K, x, M, K, y + p * O, N);
+      } else {
+        for (int64_t o = groups * O; o < N; ++o) rows<1, R>(w + o * K, x, M, K, y + o, N);
+      }
+    }
+  });
+}
+
+// sum of squares of x[0, n): 8-lane FMA accumulator, the fixed horizontal sum, a scalar tail
+static inline float sum_squares(const float* x, int64_t n) {
+  __m256 a = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    __m256 v = _mm256_loadu_ps(x + k);
+    a = _mm256_fmadd_ps(v, v, a);
+  }
+  float s = hsum(a);
+  for (; k < n; ++k) s = std::fma(x[k], x[k], s);
+  return s;
+}
+
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && w.dtype() == torch::kFloat32, "fp32 only");
+  const int64_t H = w.numel();
+  TORCH_CHECK(x.size(-1) == H, "rms_norm: last dim of x must equal the weight's size");
+  auto xc = x.contiguous();
+  w = w.contiguous();
+  auto y = torch::empty_like(xc);
+  const int64_t M = H ? xc.numel() / H : 0;
+  const float* xp = xc.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  // a few rows are decode steps: one thread (waking the pool costs more than the work)
+  auto norm_rows = [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const float* r = xp + m * H;
+      const float scale = 1.0f / std::sqrt(sum_squares(r, H) / static_cast<float>(H) +
+                                           static_cast<float>(eps));
+      float* o = yp + m * H;
+      for (int64_t k = 0; k < H; ++k) o[k] = wp[k] * (r[k] * scale);
+    }
+  };
+  if (M <= 64) norm_rows(0, M);
+  else at::parallel_for(0, M, 16, norm_rows);
+  return y;
+}
+
+// q (B, Hkv, R, D); k, v (B, Hkv, T, D) with unit stride over D and D over T (cache views);
+// mask: empty, or additive (B, 1, R, T)
+torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor mask) {
+  TORCH_CHECK(q.dtype() == torch::kFloat32 && k.dtype() == torch::kFloat32 &&
+              v.dtype() == torch::kFloat32, "fp32 only");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v: (B, H, rows, D)");
+  q = q.contiguous();
+  const int64_t B = q.size(0), H = q.size(1), R = q.size(2), D = q.size(3), T = k.size(2);
+  TORCH_CHECK(k.size(3) == D && v.size(3) == D && k.size(2) == v.size(2), "k, v: (B, H, T, D)");
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1 && k.stride(2) == D && v.stride(2) == D,
+              "k, v: rows of D contiguous floats");
+  const bool masked = mask.defined() && mask.numel() > 0;
+  if (masked) {
+    mask = mask.expand({B, 1, R, T}).contiguous();
+    TORCH_CHECK(mask.dtype() == torch::kFloat32, "mask: fp32 additive");
+  }
+  auto out = torch::empty_like(q);
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const float* mp = masked ? mask.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), vs0 = v.stride(0), vs1 = v.stride(1);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  auto rows = [&](int64_t begin, int64_t end) {
+    std::vector<float> p(T);
+    for (int64_t i = begin; i < end; ++i) {  // i = (b * H + h) * R + r
+      const int64_t b = i / (H * R), h = (i / R) % H, r = i % R;
+      const float* qr = qp + i * D;
+      const float* kb = kp + b * ks0 + h * ks1;
+      const float* vb = vp + b * vs0 + h * vs1;
+      const float* mr = masked ? mp + (b * R + r) * T : nullptr;
+      float top = -INFINITY;
+      for (int64_t t = 0; t < T; ++t) {
+        __m256 a = _mm256_setzero_ps();
+        int64_t d = 0;
+        for (; d + 8 <= D; d += 8)
+          a = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d), _mm256_loadu_ps(kb + t * D + d), a);
+        float s = hsum(a);
+        for (; d < D; ++d) s = std::fma(qr[d], kb[t * D + d], s);
+        s *= scale;
+        if (mr) s += mr[t];
+        p[t] = s;
+        top = std::max(top, s);
+      }
+      float total = 0.0f;
+      for (int64_t t = 0; t < T; ++t) {
+        p[t] = std::exp(p[t] - top);
+        total += p[t];
+      }
+      float* o = op + i * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
+      for (int64_t t = 0; t < T; ++t) {
+        const float w = p[t] / total;
+        const float* vr = vb + t * D;
+        int64_t d = 0;
+        const __m256 wv = _mm256_set1_ps(w);
+        for (; d + 8 <= D; d += 8)
+          _mm256_storeu_ps(o + d, _mm256_fmadd_ps(wv, _mm256_loadu_ps(vr + d),
+                                                  _mm256_loadu_ps(o + d)));
+        for (; d < D; ++d) o[d] = std::fma(w, vr[d], o[d]);
+      }
+    }
+  };
+  // each query row on one thread, by the same operations: small calls stay on this thread
+  at::parallel_for(0, B * H * R, std::max<int64_t>(1, 65536 / (T * D + 1)), rows);
+  return out;
+}
+
+torch::Tensor rows_linear(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && w.dtype() == torch::kFloat32, "fp32 only");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "x (M, K), w (N, K)");
+  x = x.contiguous();
+  w = w.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  // block shapes with 8-12 accumulators in flight (measured on the 2-core EPYC)
+  if (M == 1) run<8, 1>(wp, xp, M, K, yp, N);
+  else if (M == 2) run<6, 2>(wp, xp, M, K, yp, N);
+  else if (M == 3) run<4, 3>(wp, xp, M, K, yp, N);
+  else run<3, 4>(wp, xp, M, K, yp, N);
+  return y;
+}
