@@ -138,11 +138,12 @@ def test_a_kernel_that_does_not_build_warns_once_and_leaves_the_library_paths(mo
 
 
 @pytest.mark.skipif(not kernels.HAVE_AVX2, reason="the CPU kernels need AVX2")
-def test_fused_norm_and_attention_match_aten_and_compute_each_row_alone():
+@pytest.mark.parametrize("dim", [64, 20])  # the head width kept in registers, and any other
+def test_fused_norm_and_attention_match_aten_and_compute_each_row_alone(dim):
     torch.manual_seed(5)
     x, w = torch.randn(2, 7, 577), torch.randn(577)  # odd width: the scalar tail
-    q, cache_k, cache_v = torch.randn(2, 3, 12, 64), torch.randn(2, 3, 64, 64), torch.randn(
-        2, 3, 64, 64)
+    q, cache_k, cache_v = torch.randn(2, 3, 12, dim), torch.randn(2, 3, 64, dim), torch.randn(
+        2, 3, 64, dim)
     keys, values = cache_k.narrow(2, 0, 40), cache_v.narrow(2, 0, 40)  # cache views
     mask = torch.zeros(2, 1, 12, 40).masked_fill_(torch.rand(2, 1, 12, 40) < 0.3, -3.0e38)
     mask[..., 0] = 0.0  # every row sees one key at least

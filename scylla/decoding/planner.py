@@ -59,6 +59,7 @@ from scylla.decoding.expand import dynamic_shape
 from scylla.decoding.forward_cost import forward_cost
 from scylla.decoding.tree import Tree
 from scylla.decoding.verify import greedy_accepted
+from scylla.modeling import kernels
 from scylla.paths import plans_dir
 
 # row-steps: ~1.4% of a 40-prompt x 128-token bench at batch 1, and a full WINDOW, so a first
@@ -241,7 +242,7 @@ def measured_costs(model: Any, draft: Any, batch: int) -> Costs:
     shapes = [(n, list(t.shape)) for n, t in [*draft.named_parameters(), *draft.named_buffers()]]
     key = json.dumps([_machine(), torch.__version__, torch.get_num_threads(), str(model.device),
                       str(model.dtype), repr(model.config), type(draft).__name__, shapes, batch,
-                      os.environ.get("SCYLLA_CPU_GEMM", "")])
+                      kernels.fingerprint()])
     path = plans_dir() / f"costs-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     if path.is_file() and time.time() - path.stat().st_mtime < COSTS_MAX_AGE_S:
         return Costs(json.loads(path.read_text())["rows"])

@@ -6,8 +6,9 @@
 // rms_norm: y = w * x / sqrt(mean(x^2) + eps) per row of x (M, H). ATen's CPU rms_norm is a
 // composite of ~8 small ops, ~40 us for one 576-float row and more inside a forward (61 per
 // SmolLM2 forward); this is one pass.
-// attend: softmax(q k^T / sqrt(D) + mask) v for a few query rows against cached keys, one
-// query row at a time (SDPA's CPU kernel costs ~60-150 us per call for 3 rows).
+// attend: softmax(q k^T / sqrt(D) + mask) v for a few query rows against cached keys, each
+// row by the same operations however many rows share the call (SDPA's CPU kernel costs
+// ~60-150 us per call for 3 rows).
 //
 // Every output y[m][o] is computed by the same sequence of operations whatever M is and
 // however rows are blocked: one 8-lane FMA accumulator over k in steps of 8, a fixed horizontal
@@ -20,6 +21,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <sleef.h>
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -125,6 +127,50 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
   return y;
 }
 
+// Scores of QB query rows (q: QB x D) against T keys (kb: T x D) into s (QB rows of
+// ``stride``): each key
+// is loaded once for the QB rows, and each score is the same operation sequence as for a row
+// alone (8-lane FMA accumulator over d, the fixed horizontal sum, scalar FMAs over the tail).
+template <int QB>
+static void scores(const float* q, const float* kb, int64_t T, int64_t D, float* s,
+                   int64_t stride) {
+  for (int64_t t = 0; t < T; ++t) {
+    const float* kr = kb + t * D;
+    __m256 a[QB];
+    for (int j = 0; j < QB; ++j) a[j] = _mm256_setzero_ps();
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8) {
+      const __m256 kv = _mm256_loadu_ps(kr + d);
+      for (int j = 0; j < QB; ++j)
+        a[j] = _mm256_fmadd_ps(_mm256_loadu_ps(q + j * D + d), kv, a[j]);
+    }
+    for (int j = 0; j < QB; ++j) {
+      float x = hsum(a[j]);
+      for (int64_t e = d; e < D; ++e) x = std::fma(q[j * D + e], kr[e], x);
+      s[j * stride + t] = x;
+    }
+  }
+}
+
+// o = sum_t w[t] * v[t], accumulated over t in order, element by element (FMA)
+template <int DV>  // D = 8 * DV: the output row stays in registers
+static void weighted_sum(const float* w, const float* vb, int64_t T, float* o) {
+  __m256 acc[DV];
+  for (int j = 0; j < DV; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t t = 0; t < T; ++t) {
+    const __m256 wv = _mm256_set1_ps(w[t]);
+    for (int j = 0; j < DV; ++j)
+      acc[j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(vb + t * DV * 8 + j * 8), acc[j]);
+  }
+  for (int j = 0; j < DV; ++j) _mm256_storeu_ps(o + j * 8, acc[j]);
+}
+
+static void weighted_sum_any(const float* w, const float* vb, int64_t T, int64_t D, float* o) {
+  for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t d = 0; d < D; ++d) o[d] = std::fma(w[t], vb[t * D + d], o[d]);
+}
+
 // q (B, Hkv, R, D); k, v (B, Hkv, T, D) with unit stride over D and D over T (cache views);
 // mask: empty, or additive (B, 1, R, T)
 torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor mask) {
@@ -149,48 +195,50 @@ torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::T
   float* op = out.data_ptr<float>();
   const int64_t ks0 = k.stride(0), ks1 = k.stride(1), vs0 = v.stride(0), vs1 = v.stride(1);
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  auto rows = [&](int64_t begin, int64_t end) {
-    std::vector<float> p(T);
-    for (int64_t i = begin; i < end; ++i) {  // i = (b * H + h) * R + r
-      const int64_t b = i / (H * R), h = (i / R) % H, r = i % R;
-      const float* qr = qp + i * D;
+  constexpr int QB = 4;  // query rows per key load
+  const int64_t blocks = (R + QB - 1) / QB;
+  const int64_t Tp = (T + 7) / 8 * 8;  // scores padded to whole vectors
+  auto run = [&](int64_t begin, int64_t end) {
+    std::vector<float> p(QB * Tp);
+    for (int64_t item = begin; item < end; ++item) {  // item = (b * H + h) * blocks + block
+      const int64_t bh = item / blocks, r0 = (item % blocks) * QB, b = bh / H, h = bh % H;
+      const int64_t n = std::min<int64_t>(QB, R - r0);
+      const float* qr = qp + (bh * R + r0) * D;
       const float* kb = kp + b * ks0 + h * ks1;
       const float* vb = vp + b * vs0 + h * vs1;
-      const float* mr = masked ? mp + (b * R + r) * T : nullptr;
-      float top = -INFINITY;
-      for (int64_t t = 0; t < T; ++t) {
-        __m256 a = _mm256_setzero_ps();
-        int64_t d = 0;
-        for (; d + 8 <= D; d += 8)
-          a = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d), _mm256_loadu_ps(kb + t * D + d), a);
-        float s = hsum(a);
-        for (; d < D; ++d) s = std::fma(qr[d], kb[t * D + d], s);
-        s *= scale;
-        if (mr) s += mr[t];
-        p[t] = s;
-        top = std::max(top, s);
+      switch (n) {
+        case 4: scores<4>(qr, kb, T, D, p.data(), Tp); break;
+        case 3: scores<3>(qr, kb, T, D, p.data(), Tp); break;
+        case 2: scores<2>(qr, kb, T, D, p.data(), Tp); break;
+        default: scores<1>(qr, kb, T, D, p.data(), Tp);
       }
-      float total = 0.0f;
-      for (int64_t t = 0; t < T; ++t) {
-        p[t] = std::exp(p[t] - top);
-        total += p[t];
-      }
-      float* o = op + i * D;
-      for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
-      for (int64_t t = 0; t < T; ++t) {
-        const float w = p[t] / total;
-        const float* vr = vb + t * D;
-        int64_t d = 0;
-        const __m256 wv = _mm256_set1_ps(w);
-        for (; d + 8 <= D; d += 8)
-          _mm256_storeu_ps(o + d, _mm256_fmadd_ps(wv, _mm256_loadu_ps(vr + d),
-                                                  _mm256_loadu_ps(o + d)));
-        for (; d < D; ++d) o[d] = std::fma(w, vr[d], o[d]);
+      for (int64_t j = 0; j < n; ++j) {
+        float* s = p.data() + j * Tp;
+        const float* mr = masked ? mp + (b * R + r0 + j) * T : nullptr;
+        float top = -INFINITY;
+        for (int64_t t = 0; t < T; ++t) {
+          s[t] *= scale;
+          if (mr) s[t] += mr[t];  // a masked key: -3.4e38, so its weight is exactly 0
+          top = std::max(top, s[t]);
+        }
+        // exp of every score by the same vector function (Sleef's, 1 ulp, as in ATen): the
+        // padding past T makes no score depend on where T ends
+        for (int64_t t = T; t < Tp; ++t) s[t] = -INFINITY;
+        const __m256 topv = _mm256_set1_ps(top);
+        for (int64_t t = 0; t < Tp; t += 8)
+          _mm256_storeu_ps(s + t, Sleef_expf8_u10(_mm256_sub_ps(_mm256_loadu_ps(s + t), topv)));
+        float total = 0.0f;
+        for (int64_t t = 0; t < T; ++t) total += s[t];
+        for (int64_t t = 0; t < T; ++t) s[t] /= total;
+        float* o = op + (bh * R + r0 + j) * D;
+        if (D == 64) weighted_sum<8>(s, vb, T, o);
+        else if (D == 128) weighted_sum<16>(s, vb, T, o);
+        else weighted_sum_any(s, vb, T, D, o);
       }
     }
   };
-  // each query row on one thread, by the same operations: small calls stay on this thread
-  at::parallel_for(0, B * H * R, std::max<int64_t>(1, 65536 / (T * D + 1)), rows);
+  // small calls (a few rows, short caches) stay on this thread: waking the pool costs more
+  at::parallel_for(0, B * H * blocks, std::max<int64_t>(1, 32768 / (QB * T * D + 1)), run);
   return out;
 }
 

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -102,6 +103,13 @@ def _rows_kernel() -> Any:
     except (RuntimeError, OSError) as e:
         raise ConfigError(f"GEMM path 'rows': could not compile cpu_kernels.cpp (needs a C++ "
                           f"compiler, ninja and the Python headers): {e}") from e
+
+
+def fingerprint() -> str:
+    """What decides this process's CPU kernels (a changed kernel changes measured costs)."""
+    source = (Path(__file__).parent / "cpu_kernels.cpp").read_bytes()
+    return (f"{_forced or 'default'}:{rows_available()}:{ROWS_MAX}:"
+            f"{hashlib.sha256(source).hexdigest()[:12]}")
 
 
 @functools.cache
