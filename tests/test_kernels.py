@@ -162,3 +162,11 @@ def test_fused_norm_and_attention_match_aten_and_compute_each_row_alone(dim):
     x.requires_grad_(True)  # autograd records: ATen's ops, not the kernels
     assert kernels.rms_norm(x, w, 1e-5) is None
     assert kernels.attend(q.requires_grad_(True), keys, values, None) is None
+
+
+def test_every_run_names_its_cpu_and_the_vector_isa_torch_uses_on_it():
+    from scylla.pipeline import machine
+
+    isa = torch.backends.cpu.get_cpu_capability()
+    assert kernels.cpu_model().endswith(f"({isa})")
+    assert kernels.cpu_model() in machine.description()

@@ -104,12 +104,38 @@ def test_a_verification_costs_its_largest_row():
     miss = dataclasses.replace(step(accepted_depths=0), chain=[], chain_accepted=[], match=0)
     costs = curve(per_token_ms=8.0, draft_ms=20.0)
     alone = [dataclasses.replace(s, group=i) for i, s in enumerate([hit, miss] * 20)]
-    together = [dataclasses.replace(s, group=i // 2) for i, s in enumerate([hit, miss] * 20)]
+    together = [dataclasses.replace(s, group=i // 2, batch=2)
+                for i, s in enumerate([hit, miss] * 20)]
     # alone: (5 + 1) tokens in 62 + 30 ms; together: 6 tokens in one 62 ms forward of two
     # rows, against plain's 2 tokens in 30 ms
     assert choose(alone, costs, width=2, max_match=3).speedup == pytest.approx(6 / 92 * 30)
     plan = choose(together, costs, width=2, max_match=3, batch=2)
     assert plan.mode == "lookup" and plan.speedup == pytest.approx(6 / 62 * 15)
+
+
+def test_a_table_from_one_row_at_a_time_prices_a_batch_by_its_largest_row():
+    """A table recorded at batch 1 (each row-step verified alone), planned for batch 8: one
+    row-step in 8 has an accepted 4-token lookup. Alone that pays (its 5-token forward serves
+    that row only); at batch 8 nearly every verification holds such a row and pays the 5-token
+    forward for all 8, which no longer beats plain decoding."""
+    hit = dataclasses.replace(step(accepted_depths=0, chain_run=4), match=3)
+    miss = dataclasses.replace(step(accepted_depths=0), chain=[], chain_accepted=[], match=0)
+    table = [dataclasses.replace(s, group=i) for i, s in enumerate(([hit] + [miss] * 7) * 8)]
+    costs = curve(per_token_ms=8.0, draft_ms=20.0)
+    alone = choose(table, costs, width=2, max_match=3)
+    assert alone.mode == "lookup"
+    assert alone.speedup == pytest.approx(12 / (62 + 7 * 30) * 30)
+    # expected: 8 rows share a forward, 62 ms unless none of them hits ((7/8) ** 8): 12 tokens
+    # in ~51 ms against plain's 8 in 30 ms
+    assert choose(table, costs, width=2, max_match=3, batch=8).mode == "plain"
+    # a table recorded at batch 8 keeps its own verifications: one hit in each of them costs
+    # the 5-token forward every time; all hits in one verification cost it once
+    spread = [dataclasses.replace(s, batch=8, group=i // 8) for i, s in enumerate(table)]
+    assert choose(spread, costs, width=2, max_match=3, batch=8).mode == "plain"
+    bunched = sorted(spread, key=lambda s: s.match != 3)
+    bunched = [dataclasses.replace(s, group=i // 8) for i, s in enumerate(bunched)]
+    plan = choose(bunched, costs, width=2, max_match=3, batch=8)
+    assert plan.mode == "lookup" and plan.speedup == pytest.approx(96 / 272 * 30 / 8)
 
 
 def drive(monkeypatch, calibration: Step, steps: int, draft: Any = None

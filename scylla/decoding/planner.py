@@ -24,7 +24,8 @@ measured here, never assumed:
 - **Cost.** The target's forward of k tokens per row and the draft's, at this batch size
   (``forward_cost``), measured per machine, target, draft architecture and batch size and
   cached in ``plans_dir()`` for ``COSTS_MAX_AGE_S``. Rows verified together pay
-  one forward of the largest row's tree. A tree of depth d costs the target forward of its
+  one forward of the largest row's tree: the table's own verifications when it was recorded
+  at this batch size, else the expected largest of ``batch`` row-steps drawn from it. A tree of depth d costs the target forward of its
   nodes plus d - 1 draft expansion forwards and one catch-up forward. What the curve misses
   (host-side work: tree building, masks, acceptance, bookkeeping; forwards slower inside a
   decode than in the curve's tight loop) is measured too: every step of a speculative plan is
@@ -46,7 +47,6 @@ import hashlib
 import itertools
 import json
 import os
-import platform
 import time
 import weakref
 from dataclasses import asdict, dataclass, field
@@ -226,22 +226,14 @@ class Costs:
         return float(np.interp(k, self.ks, self.draft))
 
 
-def _machine() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    except OSError:
-        names = []
-    return f"{names[0] if names else platform.processor()} x{os.cpu_count()}"
-
-
 def measured_costs(model: Any, draft: Any, batch: int) -> Costs:
     """The cost curve for this machine, target, draft architecture and batch size: cached as
     JSON in ``plans_dir()`` (measured in seconds on first use, and again once the cached curve
     is ``COSTS_MAX_AGE_S`` old)."""
     shapes = [(n, list(t.shape)) for n, t in [*draft.named_parameters(), *draft.named_buffers()]]
-    key = json.dumps([_machine(), torch.__version__, torch.get_num_threads(), str(model.device),
-                      str(model.dtype), repr(model.config), type(draft).__name__, shapes, batch,
+    key = json.dumps([kernels.cpu_model(), os.cpu_count(), torch.__version__,
+                      torch.get_num_threads(), str(model.device), str(model.dtype),
+                      repr(model.config), type(draft).__name__, shapes, batch,
                       kernels.fingerprint()])
     path = plans_dir() / f"costs-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     if path.is_file() and time.time() - path.stat().st_mtime < COSTS_MAX_AGE_S:
@@ -287,27 +279,41 @@ def choose(steps: list[Step], costs: Costs, width: int, max_match: int = 0, batc
     if slower is None:
         slower = slowdown(steps, costs, width, batch)
     table = Outcomes(steps, max(max_match, 1))
-    groups = np.array([s.group for s in steps])
-    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])  # steps come in groups
-    # a verification costs the forward of its largest row's tree, and yields every row's tokens
-    size = np.maximum.reduceat(table.size, starts, axis=0)
-    tau = np.maximum.reduceat(table.tau, starts, axis=0)
+    # a verification costs the forward of its largest row's tree (and the catch-up of its
+    # longest accepted run), and yields every row's tokens
+    target = np.interp(table.size, costs.ks, costs.target)
+    catch_up = np.interp(table.tau, costs.ks, costs.draft)
+    if all(s.batch == batch for s in steps):  # the rows that were verified together
+        groups = np.array([s.group for s in steps])
+        starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])  # steps come in groups
+        target = np.maximum.reduceat(target, starts, axis=0).sum(0)
+        catch_up = np.maximum.reduceat(catch_up, starts, axis=0).sum(0)
+        verifications = len(starts)
+    else:
+        # recorded at another batch size (one table serves them all): ``batch`` row-steps
+        # drawn at random share a verification, which costs the expected largest of them
+        # (their order statistics); the table's own groups would put a batch-1 table's rows
+        # each in a forward of its own and price a lookup at batch 8 as cheap as at batch 1
+        count = len(steps)
+        cdf = (np.arange(count + 1) / count) ** batch
+        weight = np.diff(cdf)[:, None, None, None, None]  # P(the j-th smallest is the largest)
+        verifications = count / batch
+        target = (weight * np.sort(target, axis=0)).sum(0) * verifications
+        catch_up = (weight * np.sort(catch_up, axis=0)).sum(0) * verifications
     tokens = table.tau.sum(0)
-    ms = np.interp(size, costs.ks, costs.target)
-    totals = np.array(TOTALS)[None, None, :, None, None]
-    depth = np.arange(1, CALIBRATION_DEPTH + 1)[None, :, None, None, None]
-    draft = (depth - 1) * costs.draft_ms(width) + np.interp(tau, costs.ks, costs.draft)
-    ms = (ms + np.where(totals > 0, draft, 0.0)).sum(0) * slower
+    totals = np.array(TOTALS)[None, :, None, None]
+    depth = np.arange(1, CALIBRATION_DEPTH + 1)[:, None, None, None]
+    draft = (depth - 1) * costs.draft_ms(width) * verifications + catch_up
+    ms = (target + np.where(totals > 0, draft, 0.0)) * slower
     rate = tokens / ms  # [depth, total, lookup, min match]
     lookups = np.array(LOOKUPS)[None, None, :, None]
     matches = np.arange(1, max(max_match, 1) + 1)[None, None, None, :]
-    totals, depth = totals[0], depth[0]
     fits = ((totals <= width + (depth - 1) * width * width) & ((lookups == 0) | (max_match > 0))
             # one grid point per plan: lookup alone has no depth, no lookup no minimum match
             & ((totals > 0) | (depth == 1)) & ((lookups > 0) | (matches == 1))
             & ((totals > 0) | (lookups > 0)))
     rate = np.where(fits, rate, -np.inf)
-    plain_rate = len(steps) / (len(starts) * plain_ms)
+    plain_rate = len(steps) / (verifications * plain_ms)
     best = np.unravel_index(np.argmax(rate), rate.shape)
     if rate[best] <= plain_rate * (1 + MARGIN):
         return Plan("plain", calibration_steps=len(steps))

@@ -62,6 +62,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import platform
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -82,6 +83,20 @@ def _onednn_ok() -> bool:
 
 
 HAVE_ONEDNN = _onednn_ok()
+
+
+@functools.cache
+def cpu_model() -> str:
+    """This CPU's model name and the vector ISA torch's kernels use on it, e.g.
+    ``AMD EPYC 7B13 (AVX2)``: sessions and CI land on different CPU kinds (an AVX2 EPYC, an
+    AVX-512 Xeon), whose timings do not compare, so every measurement names its CPU."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    name = names[0] if names else (platform.processor() or platform.machine())
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
 # the rows kernel is written for AVX2 + FMA (the 2-core EPYC has no AVX-512)
 HAVE_AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 # the most rows the default sends to ``rows``: it beats ``packed`` up to 64, not at 128

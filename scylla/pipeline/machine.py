@@ -10,8 +10,10 @@ import platform
 
 
 def description() -> str:
-    import torch
+    import torch  # here, not at import: commands that never describe a machine start faster
+
+    from scylla.modeling.kernels import cpu_model
 
     gpu = (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "")
-    return (f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores{gpu}, "
-            f"torch {torch.__version__}, threads {torch.get_num_threads()}").replace("  ", " ")
+    return (f"{platform.machine()} {cpu_model()}, {os.cpu_count()} cores{gpu}, "
+            f"torch {torch.__version__}, threads {torch.get_num_threads()}")
