@@ -207,6 +207,33 @@ def test_a_settled_lookup_plan_keeps_its_lookups():
         assert HybridProposer.drafts.fget(proposer) is False
 
 
+@pytest.mark.parametrize("slower, mode", [(1.0, "lookup"), (3.0, "plain")])
+def test_a_settled_lookup_plan_gives_way_to_plain_decoding_when_its_steps_run_slow(
+        monkeypatch, slower, mode):
+    """A lookup plan is settled (no calibration re-plans it), so its own timed steps decide:
+    at the predicted cost it stays; three times slower than its forwards (a lookup predicted
+    at ~2.4x plain), it hands the decode to plain decoding."""
+    import scylla.decoding.planner as planner
+
+    monkeypatch.setattr(planner, "measured_costs",
+                        lambda *a: curve(per_token_ms=8.0, draft_ms=20.0))
+    auto = AutoPlanner(model=None, draft=torch.nn.Linear(3, 2), width=2, ngram=3, batch=1,
+                       temperature=0.0)
+    hit = dataclasses.replace(step(accepted_depths=0, chain_run=4), match=3)
+    auto.steps = [dataclasses.replace(hit, group=i) for i in range(WINDOW)]
+    proposer = types.SimpleNamespace(plan=None, lookup_len=0, lookup_min_match=1)
+    proposer.plan = plan = auto.start(proposer)
+    assert plan.mode == "lookup" and auto.settled(plan) and proposer.lookup_len == 4
+    for i in range(OBSERVED_MIN):
+        auto.begin(proposer)
+        assert not auto.calibrating
+        auto.observe(plan, 62.0 * slower, 5, 0)  # 5 nodes: 30 + 8 * 4 ms by the curve
+        auto.review(proposer)
+        assert proposer.plan is plan or i == OBSERVED_MIN - 1  # judged on OBSERVED_MIN steps
+    assert proposer.plan.mode == mode
+    assert proposer.lookup_len == (4 if mode == "lookup" else 0)
+
+
 def test_a_later_process_starts_from_the_drafts_saved_table(monkeypatch):
     """The calibration table is saved on this machine per draft (by its weights): a new process
     (an empty in-process table) plans at once, calibrating nothing, until the draft changes;

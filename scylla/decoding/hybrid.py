@@ -125,6 +125,7 @@ class HybridState:
             self.pending = None
         elif p.plan is not None:
             p.planner.observe(p.plan, wall_ms, self.verified, catch_up)
+            p.planner.review(p)
 
     def select(self, rows: torch.Tensor) -> "HybridState":
         draft = self.draft.select(rows) if self.draft is not None else None

@@ -20,13 +20,15 @@ measured here, never assumed:
   decode no longer pays for a calibration it is too short to earn back. A plan that does
   not draft, chosen on a full window (the first plan is: ``CALIBRATION_STEPS`` = ``WINDOW``),
   is final for its decode (``settled``): the draft stops, and a plain plan's steps are plain
-  decoding's (``Decoder.plain_step``).
+  decoding's (``Decoder.plain_step``). A settled lookup plan is still judged by its own timed
+  steps (``review``) and gives way to plain decoding when they show it does not pay.
 - **Cost.** The target's forward of k tokens per row and the draft's, at this batch size
   (``forward_cost``), measured per machine, target, draft architecture and batch size and
   cached in ``plans_dir()`` for ``COSTS_MAX_AGE_S``. Rows verified together pay
   one forward of the largest row's tree: the table's own verifications when it was recorded
-  at this batch size, else the expected largest of ``batch`` row-steps drawn from it. A tree of depth d costs the target forward of its
-  nodes plus d - 1 draft expansion forwards and one catch-up forward. What the curve misses
+  at this batch size, else the expected largest of ``batch`` row-steps drawn from it. A tree
+  of depth d costs the target forward of its nodes plus d - 1 draft expansion forwards and one
+  catch-up forward. What the curve misses
   (host-side work: tree building, masks, acceptance, bookkeeping; forwards slower inside a
   decode than in the curve's tight loop) is measured too: every step of a speculative plan is
   timed whole, and the median of its wall time over the forwards the curve predicts for it,
@@ -271,10 +273,11 @@ def slowdown(steps: list[Step], costs: Costs, width: int, batch: int) -> float:
 
 
 def choose(steps: list[Step], costs: Costs, width: int, max_match: int = 0, batch: int = 1,
-           slower: float | None = None) -> Plan:
+           slower: float | None = None, drafting: bool = True) -> Plan:
     """The grid point with the highest predicted tokens/ms (see the module docstring); every
     speculative candidate's forwards cost ``slower`` times the curve's (None: the calibration
-    steps' measure, ``slowdown``). max_match: the lookup's longest n-gram (0: no lookup)."""
+    steps' measure, ``slowdown``). max_match: the lookup's longest n-gram (0: no lookup);
+    drafting: False leaves only lookup alone and plain decoding (the draft has stopped)."""
     plain_ms = costs.target_ms(1)
     if slower is None:
         slower = slowdown(steps, costs, width, batch)
@@ -311,7 +314,7 @@ def choose(steps: list[Step], costs: Costs, width: int, max_match: int = 0, batc
     fits = ((totals <= width + (depth - 1) * width * width) & ((lookups == 0) | (max_match > 0))
             # one grid point per plan: lookup alone has no depth, no lookup no minimum match
             & ((totals > 0) | (depth == 1)) & ((lookups > 0) | (matches == 1))
-            & ((totals > 0) | (lookups > 0)))
+            & ((totals > 0) | (lookups > 0)) & ((totals == 0) | drafting))
     rate = np.where(fits, rate, -np.inf)
     plain_rate = len(steps) / (verifications * plain_ms)
     best = np.unravel_index(np.argmax(rate), rate.shape)
@@ -454,6 +457,19 @@ class AutoPlanner:
                                                  catch_up))
         del self.ratios[:-WINDOW]
 
+    def review(self, proposer: Any) -> None:
+        """A settled lookup plan verifies no calibration trees, so nothing re-plans it: once
+        ``OBSERVED_MIN`` of its steps are timed, and one verification in ``REPLAN_EVERY`` after,
+        it is chosen again among lookups and plain decoding at its own measured slowdown, and
+        gives way to plain decoding when no lookup pays any more (seen at batch 4: a lookup
+        predicted 1.05x ran at 0.93x plain)."""
+        plan = proposer.plan
+        if (plan is None or plan.mode != "lookup" or not self.settled(plan)
+                or len(self.ratios) < OBSERVED_MIN
+                or (len(self.ratios) > OBSERVED_MIN and self.since % REPLAN_EVERY)):
+            return
+        proposer.plan = self.apply(proposer, drafting=False)
+
     def slowdown(self) -> float | None:
         """How much slower than the cost curve this decode's speculative steps ran (their
         median ratio, at least 1; None: too few timed)."""
@@ -461,9 +477,9 @@ class AutoPlanner:
             return None
         return max(1.0, float(np.median(self.ratios)))
 
-    def apply(self, proposer: Any) -> Plan:
+    def apply(self, proposer: Any, drafting: bool = True) -> Plan:
         plan = choose(self.steps, self.costs, self.width, self.ngram, self.batch,
-                      self.slowdown())
+                      self.slowdown(), drafting)
         self.plans += 1
         if plan.drafts:
             proposer.drafter.set_shape(dynamic_shape(self.width, plan.tree_depth,
