@@ -159,6 +159,12 @@ def test_fused_norm_and_attention_match_aten_and_compute_each_row_alone(dim):
             alone = [kernels.attend(q[:, :, r:r + 1], keys, values,
                                     None if m is None else m[:, :, r:r + 1]) for r in range(12)]
             assert torch.equal(torch.cat(alone, 2), out)
+        # keys masked after a row's last visible one (a shorter row of a batch, later tree
+        # nodes) leave its bits as on a cache cut there
+        cut = mask.clone()
+        cut[..., 25:] = -3.0e38
+        assert torch.equal(kernels.attend(q, keys, values, cut), kernels.attend(
+            q, keys.narrow(2, 0, 25), values.narrow(2, 0, 25), cut[..., :25].contiguous()))
     x.requires_grad_(True)  # autograd records: ATen's ops, not the kernels
     assert kernels.rms_norm(x, w, 1e-5) is None
     assert kernels.attend(q.requires_grad_(True), keys, values, None) is None

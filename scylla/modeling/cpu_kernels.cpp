@@ -171,6 +171,14 @@ static void weighted_sum_any(const float* w, const float* vb, int64_t T, int64_t
     for (int64_t d = 0; d < D; ++d) o[d] = std::fma(w[t], vb[t * D + d], o[d]);
 }
 
+// keys [0, n) of a mask row up to its last unmasked key (a masked key holds the dtype's lowest
+// value); all T when every key is masked (the softmax of such a row averages them all)
+static inline int64_t valid_keys(const float* mr, int64_t T) {
+  int64_t n = T;
+  while (n > 0 && mr[n - 1] <= -1e38f) --n;
+  return n > 0 ? n : T;
+}
+
 // q (B, Hkv, R, D); k, v (B, Hkv, T, D) with unit stride over D and D over T (cache views);
 // mask: empty, or additive (B, 1, R, T)
 torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor mask) {
@@ -206,34 +214,43 @@ torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::T
       const float* qr = qp + (bh * R + r0) * D;
       const float* kb = kp + b * ks0 + h * ks1;
       const float* vb = vp + b * vs0 + h * vs1;
+      // each row reads keys up to its last unmasked one: the masked keys after it (a shorter
+      // row of a batch, later nodes of a tree) would add exact zeros, so the row's result
+      // depends on its own keys only, whatever batch or block it shares
+      int64_t len[QB], most = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        len[j] = masked ? valid_keys(mp + (b * R + r0 + j) * T, T) : T;
+        most = std::max(most, len[j]);
+      }
       switch (n) {
-        case 4: scores<4>(qr, kb, T, D, p.data(), Tp); break;
-        case 3: scores<3>(qr, kb, T, D, p.data(), Tp); break;
-        case 2: scores<2>(qr, kb, T, D, p.data(), Tp); break;
-        default: scores<1>(qr, kb, T, D, p.data(), Tp);
+        case 4: scores<4>(qr, kb, most, D, p.data(), Tp); break;
+        case 3: scores<3>(qr, kb, most, D, p.data(), Tp); break;
+        case 2: scores<2>(qr, kb, most, D, p.data(), Tp); break;
+        default: scores<1>(qr, kb, most, D, p.data(), Tp);
       }
       for (int64_t j = 0; j < n; ++j) {
         float* s = p.data() + j * Tp;
         const float* mr = masked ? mp + (b * R + r0 + j) * T : nullptr;
+        const int64_t keys = len[j], padded = (keys + 7) / 8 * 8;
         float top = -INFINITY;
-        for (int64_t t = 0; t < T; ++t) {
+        for (int64_t t = 0; t < keys; ++t) {
           s[t] *= scale;
           if (mr) s[t] += mr[t];  // a masked key: -3.4e38, so its weight is exactly 0
           top = std::max(top, s[t]);
         }
         // exp of every score by the same vector function (Sleef's, 1 ulp, as in ATen): the
-        // padding past T makes no score depend on where T ends
-        for (int64_t t = T; t < Tp; ++t) s[t] = -INFINITY;
+        // padding past the row's keys makes no score depend on where they end
+        for (int64_t t = keys; t < padded; ++t) s[t] = -INFINITY;
         const __m256 topv = _mm256_set1_ps(top);
-        for (int64_t t = 0; t < Tp; t += 8)
+        for (int64_t t = 0; t < padded; t += 8)
           _mm256_storeu_ps(s + t, Sleef_expf8_u10(_mm256_sub_ps(_mm256_loadu_ps(s + t), topv)));
         float total = 0.0f;
-        for (int64_t t = 0; t < T; ++t) total += s[t];
-        for (int64_t t = 0; t < T; ++t) s[t] /= total;
+        for (int64_t t = 0; t < keys; ++t) total += s[t];
+        for (int64_t t = 0; t < keys; ++t) s[t] /= total;
         float* o = op + (bh * R + r0 + j) * D;
-        if (D == 64) weighted_sum<8>(s, vb, T, o);
-        else if (D == 128) weighted_sum<16>(s, vb, T, o);
-        else weighted_sum_any(s, vb, T, D, o);
+        if (D == 64) weighted_sum<8>(s, vb, keys, o);
+        else if (D == 128) weighted_sum<16>(s, vb, keys, o);
+        else weighted_sum_any(s, vb, keys, D, o);
       }
     }
   };
