@@ -83,13 +83,18 @@ def _onednn_ok() -> bool:
 
 
 HAVE_ONEDNN = _onednn_ok()
+# the rows kernel is written for AVX2 + FMA (the 2-core EPYC has no AVX-512)
+HAVE_AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+# the most rows the default sends to ``rows``: it beats ``packed`` up to 64, not at 128
+ROWS_MAX = 64
 
 
 @functools.cache
 def cpu_model() -> str:
     """This CPU's model name and the vector ISA torch's kernels use on it, e.g.
-    ``AMD EPYC 7B13 (AVX2)``: sessions and CI land on different CPU kinds (an AVX2 EPYC, an
-    AVX-512 Xeon), whose timings do not compare, so every measurement names its CPU."""
+    ``Intel(R) Xeon(R) Processor (AVX512)``: sessions and CI land on different CPU kinds (an
+    AVX2 EPYC, an AVX-512 Xeon), whose timings do not compare, so every measurement names its
+    CPU."""
     try:
         with open("/proc/cpuinfo") as f:
             names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
@@ -97,10 +102,12 @@ def cpu_model() -> str:
         names = []
     name = names[0] if names else (platform.processor() or platform.machine())
     return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
-# the rows kernel is written for AVX2 + FMA (the 2-core EPYC has no AVX-512)
-HAVE_AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-# the most rows the default sends to ``rows``: it beats ``packed`` up to 64, not at 128
-ROWS_MAX = 64
+
+
+@functools.cache
+def _source() -> str:
+    """The kernels' C++ source, read once: the build and the fingerprint use it."""
+    return (Path(__file__).parent / "cpu_kernels.cpp").read_text()
 
 
 @functools.cache
@@ -109,9 +116,8 @@ def _rows_kernel() -> Any:
     in torch's extension directory (``TORCH_EXTENSIONS_DIR``), loaded in ~40 ms after that."""
     from torch.utils.cpp_extension import load_inline
 
-    source = (Path(__file__).parent / "cpu_kernels.cpp").read_text()
     try:
-        return load_inline("scylla_cpu_kernels", source,
+        return load_inline("scylla_cpu_kernels", _source(),
                            functions=["rows_linear", "rms_norm", "attend"],
                            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
                            extra_ldflags=["-fopenmp"])
@@ -122,9 +128,8 @@ def _rows_kernel() -> Any:
 
 def fingerprint() -> str:
     """What decides this process's CPU kernels (a changed kernel changes measured costs)."""
-    source = (Path(__file__).parent / "cpu_kernels.cpp").read_bytes()
     return (f"{_forced or 'default'}:{rows_available()}:{ROWS_MAX}:"
-            f"{hashlib.sha256(source).hexdigest()[:12]}")
+            f"{hashlib.sha256(_source().encode()).hexdigest()[:12]}")
 
 
 @functools.cache

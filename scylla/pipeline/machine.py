@@ -10,7 +10,7 @@ import platform
 
 
 def description() -> str:
-    import torch  # here, not at import: commands that never describe a machine start faster
+    import torch
 
     from scylla.modeling.kernels import cpu_model
 
