@@ -84,7 +84,9 @@ def render_report(out_dir: str | Path, profile: str, simulated: bool = False,
            "SCYLLA_POINTS_DIR": str(points),
            # the kernel's cwd is notebooks/: pin the store the caller resolved
            "MLFLOW_TRACKING_URI": paths.tracking_uri(),
-           "SCYLLA_PROJECT_DIR": str(paths.project_dir())}
+           "SCYLLA_PROJECT_DIR": str(paths.project_dir()),
+           # MLflow imports tqdm.auto, which warns in a kernel without ipywidgets: noise
+           "PYTHONWARNINGS": "ignore:IProgress not found"}
     kernel = shared_kernel() if one_kernel else contextlib.nullcontext()
     with paths.environment(env), kernel as km:
         for name in names:
