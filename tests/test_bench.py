@@ -208,6 +208,29 @@ def test_batch_sweep_times_plain_once_per_batch_size_and_every_tree_is_exact(tin
     assert "best k" in text and "planner" in text and len(text.splitlines()) == 4 + 2 + 3
 
 
+def test_drafted_methods_report_the_share_of_plain_tokens_their_vocabulary_holds(tiny_bench):
+    ids = [[1, 7, 8, 9], [1, 20, 21]]
+    cfg = DecodeConfig(max_new_tokens=6, tree_depth=2, tree_total_tokens=3, tree="fixed")
+    plain = tiny_bench.run_method("plain", ids, cfg).tokens
+    out = sorted({t for row in plain for t in row})
+    held = [t for t in range(128) if t not in out[:2]]  # the first two output tokens left out
+    d2t = torch.tensor(held[:64])
+    bench = Bench(tiny_bench.target, random_draft(tiny_bench.target, d2t=d2t), tiny_bench.hf)
+    reports = {r.method: r for r in measure(bench, cfg, ["plain", "pld", "tree"], ids,
+                                            ["a", "b"])}
+    inside = set(d2t.tolist())
+    flat = [t for row in plain for t in row]
+    want = sum(t in inside for t in flat) / len(flat)
+    assert want < 1
+    assert reports["tree"].metrics["decode/draft_vocab_coverage"] == pytest.approx(want)
+    assert "decode/draft_vocab_coverage" not in reports["pld"].metrics  # no draft
+    assert "decode/draft_vocab_coverage" not in reports["plain"].metrics
+    text = format_table({"machine": "m", "target": "tiny", "dtype": "float32", "device": "cpu",
+                         "num_prompts": 2, "config": asdict(cfg),
+                         "methods": [asdict(r) for r in reports.values()]})
+    assert f"coverage of plain decoding's tokens: {want:.1%}" in text
+
+
 def test_forward_cost_times_each_k_and_leaves_the_caches_as_they_were(tiny_bench):
     model = tiny_bench.target.model
     draft = random_draft(tiny_bench.target)

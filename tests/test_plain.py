@@ -78,7 +78,8 @@ def test_stats_count_every_forward_and_time_is_split():
     assert res.tau == 1.0
     sec = res.seconds
     assert sec["total"] > 0 and sec["verify"] > 0
-    assert sec["verify"] + sec["other"] == pytest.approx(sec["total"])
+    assert sec["draft"] + sec["verify"] + sec["other"] == pytest.approx(sec["total"])
+    assert sec["draft"] < 0.01 * sec["total"]  # the empty proposer's start: nothing to draft
 
 
 def test_sampling_is_seeded_and_follows_the_distribution():

@@ -165,6 +165,11 @@ def format_table(report: dict[str, Any]) -> str:
                 lines.append(f"    {where}prompt {mm['prompt']}: first difference at token "
                              f"{mm['position']}{gap}")
     firsts = [rounds[0] for rounds in group_rounds(report["methods"]).values()]
+    cover = [m["metrics"]["decode/draft_vocab_coverage"] for m in firsts
+             if "decode/draft_vocab_coverage" in m["metrics"]]
+    if cover:
+        lines.append(f"draft vocabulary coverage of plain decoding's tokens: {cover[0]:.1%} "
+                     "(a token outside it is never drafted)")
     cats = sorted({c for m in firsts for c in m["per_category"]})
     if len(cats) > 1:
         lines.append("tau per category")

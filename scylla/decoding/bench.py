@@ -25,7 +25,7 @@ from scylla.config import DecodeConfig
 from scylla.data.prompts import prompt_ids
 from scylla.decoding.evaluation import evaluate
 from scylla.decoding.hf_peers import hf_generate
-from scylla.decoding.methods import METHODS
+from scylla.decoding.methods import DRAFTED, METHODS
 from scylla.decoding.metrics import by_category, decode_metrics
 from scylla.decoding.result import DecodeResult
 from scylla.errors import ConfigError, DataError
@@ -86,6 +86,19 @@ def compare(result: DecodeResult, reference: DecodeResult, prompts: list[list[in
                        target_top2=[t1, t2])
         out.append(row)
     return out
+
+
+def vocab_coverage(draft: Any, reference: DecodeResult) -> float | None:
+    """The share of the reference's output tokens (plain decoding's) inside the draft's pruned
+    vocabulary: a drafted token outside it can never be proposed, so this caps acceptance.
+    None for a draft over the full vocabulary (or no draft)."""
+    d2t = getattr(draft, "d2t", None)
+    tokens = [t for row in reference.tokens for t in row]
+    if d2t is None or not tokens:
+        return None
+    inside = torch.zeros(int(max(tokens + d2t.tolist())) + 1, dtype=torch.bool)
+    inside[d2t.cpu()] = True
+    return float(inside[torch.tensor(tokens)].float().mean())
 
 
 def per_category(result: DecodeResult, categories: list[str]) -> dict[str, dict[str, float]]:
@@ -167,6 +180,7 @@ def measure(bench: Bench, cfg: DecodeConfig, methods: list[str], ids: list[list[
     reference = rounds[0].get("plain", plain)
     if greedy and reference is None:
         reference = bench.run_method("plain", ids, cfg)
+    coverage = vocab_coverage(bench.draft, reference) if reference is not None else None
     reports = []
     for r, results in enumerate(rounds, start=1):
         base = results.get("plain", plain)
@@ -176,13 +190,16 @@ def measure(bench: Bench, cfg: DecodeConfig, methods: list[str], ids: list[list[
             mism = compare(res, reference, ids, bench.hf) if greedy else []
             exact = (not mism) if greedy else None
             speedup = tps / base_tps if base_tps else None
+            metrics = decode_metrics(res, categories, speedup, exact)
+            if coverage is not None and m in DRAFTED:
+                metrics["decode/draft_vocab_coverage"] = coverage
             reports.append(MethodReport(
                 method=m, tokens_per_s=tps, new_tokens=res.new_tokens,
                 target_forwards=res.target_forwards, tau=res.tau,
                 seconds=res.seconds["total"], exact_match=exact, mismatches=mism,
                 speedup=speedup, per_category=per_category(res, categories),
                 seconds_split=dict(res.seconds),
-                metrics=decode_metrics(res, categories, speedup, exact),
+                metrics=metrics,
                 tokens_sha256=hashlib.sha256(json.dumps(res.tokens).encode()).hexdigest(),
                 plan=dict(res.plan), repeat=r))
     return reports

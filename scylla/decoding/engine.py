@@ -24,8 +24,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from scylla.decoding import sampling
-from scylla.decoding.plain import check_prompts
-from scylla.decoding.prefill import Prefill, prefill
+from scylla.decoding.prefill import Prefill, check_prompts, prefill
 from scylla.decoding.result import DecodeResult, RowStats
 from scylla.decoding.rows import put_cache_rows
 from scylla.decoding.timing import Stopwatch
@@ -90,14 +89,19 @@ class Decoder:
     def __init__(self, model: Any, prompts: list[list[int]], proposer: Proposer,
                  max_new_tokens: int, decode_batch_size: int, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0,
-                 on_emit: Callable[[int, list[int]], None] | None = None):
-        """on_emit(prompt index, new tokens) is called as tokens are emitted (streaming)."""
+                 on_emit: Callable[[int, list[int]], None] | None = None,
+                 eos_token_ids: list[int] | None = None,
+                 generator: torch.Generator | None = None):
+        """on_emit(prompt index, new tokens) is called as tokens are emitted (streaming).
+        EOS tokens are the model's unless ``eos_token_ids`` is given; sampling draws from
+        ``generator`` when given, else from a new one seeded with ``seed``."""
         check_prompts(prompts, max_new_tokens, model.config.max_position_embeddings)
         self.model, self.prompts, self.proposer = model, prompts, proposer
         self.max_new, self.batch_size = max_new_tokens, decode_batch_size
         self.temperature, self.top_p = temperature, top_p
-        self.eos = set(model.config.eos_token_ids)
-        self.generator = torch.Generator(device=model.device).manual_seed(seed)
+        self.eos = set(model.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
+        self.generator = (generator if generator is not None
+                          else torch.Generator(device=model.device).manual_seed(seed))
         self.max_len = max(len(p) for p in prompts) + max_new_tokens + proposer.room
         self.results: dict[int, Row] = {}
         self.waiting = list(range(len(prompts)))

@@ -13,7 +13,23 @@ from typing import Any
 import torch
 
 from scylla.decoding import sampling
+from scylla.errors import ConfigError, DataError
 from scylla.modeling import ForwardOutput
+
+
+def check_prompts(prompts: list[list[int]], max_new_tokens: int, context: int) -> None:
+    """Raise DataError for an empty prompt or one that leaves no room for the new tokens."""
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise DataError(f"prompt {i} is empty: a prompt needs at least one token")
+        if len(p) + max_new_tokens > context:
+            raise DataError(
+                f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that is "
+                f"{len(p) + max_new_tokens} > the model's context window "
+                f"(max_position_embeddings={context}). Shorten the prompt or lower "
+                "max_new_tokens.")
 
 
 @dataclass
