@@ -304,20 +304,22 @@ def test_vocabulary_file_round_trips_and_refuses_a_bad_file(tmp_path):
 def test_continued_training_accumulates_unseen_slices(target, shards, tmp_path):
     train, val = sources(shards)
     cfg = config(train_tokens=1500, val_tokens=400)
-    first = train_draft(target, DraftConfig(), cfg, train, val, tmp_path / "a", progress=False)
+    first = train_draft(target, DraftConfig(), cfg, train, val, tmp_path / "a", progress=False,
+                        corpus="text")
     spec_a = load_draft(first["draft"], target).spec
-    (a0, a), = spec_a.extra["slices"]
+    (a0, a, data), = spec_a.extra["slices"]
+    assert data == "text"
     assert a0 == 0 and a >= 1500 and spec_a.extra["cumulative_tokens"] == a
     more = config(train_tokens=1000, val_tokens=400, init_from=str(tmp_path / "a"))
     # the continued run starts from the draft's weights
-    start, seq0 = initial_draft(target, DraftConfig(), more, train, None)
+    start, seq0 = initial_draft(target, DraftConfig(), more, train, None, "text")
     saved = weights(tmp_path / "a")
     assert all(torch.equal(v, saved[k]) for k, v in start.state_dict().items() if k in saved)
     assert sum(train.lengths[:seq0]) == a
     second = train_draft(target, DraftConfig(), more, train, val, tmp_path / "b",
-                         progress=False)
+                         progress=False, corpus="text")
     spec_b = load_draft(second["draft"], target).spec
-    (_, a1), (b0, b) = spec_b.extra["slices"]
+    (_, a1, _), (b0, b, _) = spec_b.extra["slices"]
     assert a1 == b0 == a and b >= a + 1000
     assert spec_b.extra["cumulative_tokens"] == a + (b - a)
     # the second slice's sequences are disjoint from the first's
@@ -328,7 +330,19 @@ def test_continued_training_accumulates_unseen_slices(target, shards, tmp_path):
     assert seqs_a == set(range(seq0)) and not seqs_a & seqs_b and min(seqs_b) == seq0
     assert second["plan"] == plan_b.digest
     card = (tmp_path / "b" / "draft" / "README.md").read_text()
-    assert f"[0, {a}) + [{a}, {b})" in card and f"| `cumulative_tokens` | {b} |" in card
+    assert (f"[0, {a}) of text + [{a}, {b}) of text" in card
+            and f"| `cumulative_tokens` | {b} |" in card)
+    # other data (the target's own answers) has its own order: the draft starts it at 0, and
+    # its record keeps both (a slice of two fields is of the draft's recorded corpus)
+    from_b = config(train_tokens=1000, val_tokens=400, init_from=str(tmp_path / "b"))
+    _, seq0 = initial_draft(target, DraftConfig(), from_b, train, None, "answers")
+    assert seq0 == 0
+    third = train_draft(target, DraftConfig(), from_b, train, val, tmp_path / "c",
+                        progress=False, corpus="answers")
+    extra_c = load_draft(third["draft"], target).spec.extra
+    (c0, c, data_c) = extra_c["slices"][-1]
+    assert extra_c["slices"][:2] == spec_b.extra["slices"] and (c0, data_c) == (0, "answers")
+    assert extra_c["cumulative_tokens"] == b + c
     # refused: another target, another architecture
     with pytest.raises(DraftMismatchError, match="does not belong to target 'other'"):
         initial_draft(tiny_target("other"), DraftConfig(), more, train, None)

@@ -222,11 +222,12 @@ def test_budgets_share_one_vocabulary_and_a_draft_continues(workspace, tmp_path)
     (vocab_file,) = (workspace / "data" / "vocab").rglob("*.safetensors")
     spec = json.loads((tmp_path / "a" / "draft" / "draft.json").read_text())
     assert spec["extra"]["vocab"]["digest"] == file_digest(vocab_file)
-    (_, seen), = spec["extra"]["slices"]
+    (_, seen, data), = spec["extra"]["slices"]
+    assert data == str(workspace / "chats.jsonl")  # the corpus, its own replies
     assert train(tmp_path / "c", "--train-tokens", "600", "--init-from",
                  str(tmp_path / "a")) == 0
     extra = json.loads((tmp_path / "c" / "draft" / "draft.json").read_text())["extra"]
-    assert extra["slices"][0] == [0, seen] and extra["slices"][1][0] == seen
+    assert extra["slices"][0] == [0, seen, data] and extra["slices"][1][:1] == [seen]
     assert extra["cumulative_tokens"] == extra["slices"][1][1] >= seen + 600
     c = load_file(str(tmp_path / "c" / "draft" / "draft.safetensors"))
     assert torch.equal(a["d2t"], c["d2t"]) and extra["vocab"] == spec["extra"]["vocab"]

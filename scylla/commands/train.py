@@ -43,6 +43,7 @@ from scylla.drafts.train import (
     DATA_SKIP,
     check_strategy,
     data_config,
+    data_tag,
     default_out,
     draft_vocabulary,
     online_sources,
@@ -126,9 +127,10 @@ def run(args: argparse.Namespace) -> int:
         train, val = online_sources(data, target, cfg)
         features = online_features(target.model, layers)
     else:
-        train, val = shard_sources(resolve_shard_root(data, target, layers), target, cfg, layers)
+        train, val = shard_sources(resolve_shard_root(data, target, layers), target, cfg, layers,
+                                   data_tag(data))
         features = None
-    kwargs = dict(features=features, progress=not args.no_progress, corpus=data.corpus,
+    kwargs = dict(features=features, progress=not args.no_progress, corpus=data_tag(data),
                   vocab=draft_vocabulary(data, target, draft_cfg, cfg, not args.no_progress),
                   **placement)
     child_run = os.environ.get(RUN_ENV)

@@ -88,8 +88,9 @@ def _training(spec: DraftSpec, metrics: dict[str, float]) -> list[str]:
         train["ttt_steps"] = spec.extra["ttt_steps"]
     if spec.extra.get("corpus"):
         train["corpus"] = spec.extra["corpus"]
-    if spec.extra.get("slices"):  # token ranges of the fixed training order
-        train["slices"] = " + ".join(f"[{a}, {b})" for a, b in spec.extra["slices"])
+    if spec.extra.get("slices"):  # token ranges of the fixed order of the data each names
+        train["slices"] = " + ".join(f"[{a}, {b})" + (f" of {d[0]}" if d and d[0] else "")
+                                     for a, b, *d in spec.extra["slices"])
         train["cumulative_tokens"] = spec.extra["cumulative_tokens"]
     if spec.extra.get("vocab"):
         train["vocab"] = (f"{spec.extra['vocab']['source']} "

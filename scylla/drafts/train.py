@@ -5,10 +5,11 @@ the end, the draft (``draft/``, with its model card). ``train_draft`` called aga
 directory resumes from the checkpoint and ends where an uninterrupted run ends. The command
 and its MLflow run: ``scylla.commands.train``.
 
-A draft records the corpus slices it was trained on (``slices``: [start, end) token ranges of
-the fixed training order) and their sum (``cumulative_tokens``); ``TrainConfig.init_from``
-continues it on the next ``train_tokens`` it has not seen, so a budget accumulates across runs
-and machines.
+A draft records the corpus slices it was trained on (``slices``: [start, end, data], a token
+range of the fixed training order of the text ``data`` names, see ``data_tag``) and their sum
+(``cumulative_tokens``); ``TrainConfig.init_from`` continues it on the next ``train_tokens`` of
+the current data it has not seen, so a budget accumulates across runs and machines, and a draft
+trained on the corpus's replies can go on with the target's own answers (which start at 0).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from scylla import paths
 from scylla.config import DraftConfig, TrainConfig, as_params
 from scylla.data.hidden_states import (
     HiddenStatesConfig,
+    answers_key,
     open_corpus,
     slug,
 )
@@ -57,31 +59,44 @@ DATA_SKIP = ("build_tokens", "val_tokens", "max_seq_len", "feature_layers", "tok
              "build_batch_tokens", "answer_batch_size")
 
 
-def init_slices(cfg: TrainConfig) -> list[list[int]]:
-    """The corpus slices the draft ``cfg.init_from`` was trained on; [] for a new draft."""
+def data_tag(data: HiddenStatesConfig) -> str:
+    """Names the text a slice was cut from: the corpus and whose answers it holds
+    ('sharegpt', 'sharegpt-target-greedy-n512'); each has its own fixed order."""
+    return answers_key(data, data.corpus)
+
+
+def seen_slices(cfg: TrainConfig) -> list[list]:
+    """[start, end, data] of every slice the draft ``cfg.init_from`` was trained on; [] for a
+    new draft. A slice of two fields (drafts before slices named their data) is of the data
+    its draft records as ``corpus``."""
     if not cfg.init_from:
         return []
     path = draft_dir(Path(cfg.init_from).expanduser())
-    slices = read_spec(path).extra.get("slices")
+    extra = read_spec(path).extra
+    slices = extra.get("slices")
     if not slices:
         raise DataError(f"TrainConfig.init_from={cfg.init_from!r}: {path} records no corpus "
                         "slices (it was trained before drafts recorded them), so its unseen "
                         "data is unknown")
-    return slices
+    return [list(s) if len(s) == 3 else [*s, extra.get("corpus", "")] for s in slices]
 
 
-def data_budget(cfg: TrainConfig) -> int:
-    """Tokens of the fixed order this training reads: the slices already seen plus
-    ``train_tokens``, or the pretraining prefix when longer."""
-    slices = init_slices(cfg)
-    return max((slices[-1][1] if slices else 0) + cfg.train_tokens, cfg.pretrain_tokens)
+def seen_end(cfg: TrainConfig, tag: str) -> int:
+    """Where the slices of data ``tag`` that ``cfg.init_from`` has seen end (0: none)."""
+    return max((end for _, end, data in seen_slices(cfg) if data == tag), default=0)
+
+
+def data_budget(cfg: TrainConfig, tag: str) -> int:
+    """Tokens of the fixed order of data ``tag`` this training reads: the slices already seen
+    plus ``train_tokens``, or the pretraining prefix when longer."""
+    return max(seen_end(cfg, tag) + cfg.train_tokens, cfg.pretrain_tokens)
 
 
 def data_config(draft_cfg: DraftConfig, cfg: TrainConfig, data: HiddenStatesConfig
                 ) -> HiddenStatesConfig:
     """The hidden-states build whose shards this training reads."""
     return dataclasses.replace(
-        data, build_tokens=data_budget(cfg), val_tokens=cfg.val_tokens,
+        data, build_tokens=data_budget(cfg, data_tag(data)), val_tokens=cfg.val_tokens,
         max_seq_len=cfg.max_seq_len,
         feature_layers=(draft_cfg.feature_layers or "eagle3") if draft_cfg.kind == "eagle3" else "")
 
@@ -101,9 +116,10 @@ def check_shards(source: SequenceSource, target: Any, cfg: TrainConfig,
                         "build shards with `scylla hidden-states --feature-layers eagle3`")
 
 
-def shard_sources(root: Path, target: Any, cfg: TrainConfig, layers: tuple[int, ...]
+def shard_sources(root: Path, target: Any, cfg: TrainConfig, layers: tuple[int, ...], tag: str
                   ) -> tuple[SequenceSource, SequenceSource | None]:
-    budget = data_budget(cfg)
+    """The train and val shards under ``root`` of the data ``tag`` (``data_tag``)."""
+    budget = data_budget(cfg, tag)
     train = shard_source(str(root / "train"), budget, "train_tokens", "--build-tokens")
     check_shards(train, target, cfg, layers, str(root / "train"))
     val = None
@@ -131,7 +147,7 @@ def online_sources(data: HiddenStatesConfig, target: Any, cfg: TrainConfig
         raise ConfigError(f"HiddenStatesConfig.answers={data.answers!r}: online training reads "
                           "the corpus's own replies; train on shards built by `scylla "
                           "hidden-states --answers target` instead")
-    budget = data_budget(cfg)
+    budget = data_budget(cfg, data_tag(data))
     train = tokenized_source(prefix_examples(open_corpus(data, target.tokenizer, "train"),
                                              budget, strict=True))
     val = None
@@ -227,17 +243,17 @@ def check_continuable(spec: DraftSpec, where: str, target: Any, draft_cfg: Draft
 
 
 def initial_draft(target: Any, draft_cfg: DraftConfig, cfg: TrainConfig, train: SequenceSource,
-                  vocab: Vocabulary | None) -> tuple[DraftModel, int]:
+                  vocab: Vocabulary | None, tag: str = "") -> tuple[DraftModel, int]:
     """The draft training starts from and the first sequence of its slice: a new draft from
     sequence 0, or the draft ``cfg.init_from`` (its weights and vocabulary) from the sequence
-    after the slices it has seen."""
+    after the slices of data ``tag`` (``train``'s) it has seen."""
     if not cfg.init_from:
         return new_draft(target, draft_cfg, cfg, vocab_map(train, draft_cfg, cfg, target,
                                                            vocab)), 0
     path = draft_dir(Path(cfg.init_from).expanduser())
     where = f"TrainConfig.init_from={cfg.init_from!r}"
     check_continuable(read_spec(path), where, target, draft_cfg, cfg)
-    seen, first, total = init_slices(cfg)[-1][1], 0, 0
+    seen, first, total = seen_end(cfg, tag), 0, 0
     while total < seen and first < len(train.lengths):
         total += train.lengths[first]
         first += 1
@@ -322,13 +338,13 @@ def train_draft(target: Any, draft_cfg: DraftConfig, cfg: TrainConfig, train: Se
     ``vocab``: the fixed vocabulary of a pruned draft (``draft_vocabulary``); ``logger``: a
     Lightning logger (the command's MLflow run), or False; ``max_steps`` stops early (tests use
     it to simulate a kill: the checkpoint then resumes the same plan); ``corpus``
-    names the training data in the checkpoint's record (the model card shows it).
+    names the training data (``data_tag``) in the draft's record and its slices.
     """
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     out = Path(out_dir)
-    draft, first = initial_draft(target, draft_cfg, cfg, train, vocab)
+    draft, first = initial_draft(target, draft_cfg, cfg, train, vocab, corpus)
     if features is None:
         missing = [i for i in draft.feature_layers if f"hidden.{i}" not in train.get(0)]
         if missing:
@@ -342,7 +358,7 @@ def train_draft(target: Any, draft_cfg: DraftConfig, cfg: TrainConfig, train: Se
     start = sum(train.lengths[:first])
     end = start + sum(train.lengths[first:first + prefix_length(train.lengths[first:],
                                                                  cfg.train_tokens)])
-    slices = [*init_slices(cfg), [start, end]]
+    slices = [*seen_slices(cfg), [start, end, corpus]]
     claim_out_dir(out, {**{f"train.{k}": v for k, v in as_params(cfg).items()},
                         **{f"draft.{k}": v for k, v in as_params(draft_cfg).items()},
                         "plan": plan.digest, "target": TargetInfo.of(target).name})
@@ -368,7 +384,7 @@ def train_draft(target: Any, draft_cfg: DraftConfig, cfg: TrainConfig, train: Se
     if trainer.is_global_zero and trainer.global_step >= len(plan.batches):
         extra = {"train": as_params(cfg), "draft": as_params(draft_cfg), "corpus": corpus,
                  "ttt_steps": ttt_steps_of(cfg, draft_cfg.kind), "plan": plan.digest,
-                 "slices": slices, "cumulative_tokens": sum(b - a for a, b in slices)}
+                 "slices": slices, "cumulative_tokens": sum(b - a for a, b, _ in slices)}
         if vocab is not None and not cfg.init_from:  # a continued draft keeps its record
             extra["vocab"] = vocab.record()
         metrics = {k: v for k, v in result.items() if k.startswith(("train/", "val/"))}
