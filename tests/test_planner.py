@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 from typing import Any
 
@@ -261,3 +262,66 @@ def test_a_later_process_starts_from_the_drafts_saved_table(monkeypatch):
     with torch.no_grad():
         draft.weight.copy_(weight)  # the first draft again
     assert drive(monkeypatch, step(accepted_depths=3), 3, draft)[0] == [True] * 3
+
+
+def test_a_drafting_plan_is_judged_on_its_first_timed_steps(monkeypatch):
+    """A tree the curve favours whose steps run far slower than their forwards turns to plain
+    decoding after OBSERVED_MIN timed steps, not at its next calibration REPLAN_EVERY
+    verifications later; at the predicted cost it stays."""
+    for slower, mode in ((1.0, "tree"), (30.0, "plain")):
+        _, proposer, auto = drive(monkeypatch, step(accepted_depths=3), CALIBRATION_STEPS)
+        plan = proposer.plan
+        assert plan.mode == "tree"
+        forwards = 30 + 0.5 * plan.tree_total_tokens + (plan.tree_depth - 1) * 1.0 + 1.0
+        for i in range(OBSERVED_MIN):
+            auto.begin(proposer)
+            assert not auto.calibrating
+            auto.observe(plan, forwards * slower, 1 + plan.tree_total_tokens, 4)
+            auto.review(proposer)
+            assert proposer.plan is plan or i == OBSERVED_MIN - 1
+        assert proposer.plan.mode == mode and auto.since < REPLAN_EVERY - 1
+        assert auto.settled(proposer.plan) is (mode == "plain")
+
+
+def test_step_time_ratios_are_kept_with_the_cost_curve(monkeypatch):
+    """The ratios a decode measured are stored with the cached curve of its batch size: the
+    next decode there starts from them (a slow tree is not tried again), one at another batch
+    size does not, and a curve measured anew (it expired) starts without them."""
+    import scylla.decoding.planner as planner
+
+    measured = []
+
+    def forward_cost(model, ks, **kw):
+        measured.append(kw["batch"])
+        return [{"k": k, "target_ms": 30 + 0.5 * (k - 1), "draft_ms": 1.0} for k in ks]
+
+    monkeypatch.setattr(planner, "forward_cost", forward_cost)
+    monkeypatch.setattr(planner.kernels, "fingerprint", lambda: "test")
+    model = types.SimpleNamespace(device="cpu", dtype=torch.float32, config="tiny")
+    draft = torch.nn.Linear(3, 2)
+
+    def planner_at(batch):
+        auto = AutoPlanner(model=model, draft=draft, width=2, ngram=0, batch=batch,
+                           temperature=0.0)
+        auto.steps = [dataclasses.replace(step(accepted_depths=3), group=i, batch=batch)
+                      for i in range(WINDOW)]
+        proposer = types.SimpleNamespace(plan=None, lookup_len=0, lookup_min_match=1,
+                                         drafter=types.SimpleNamespace(set_shape=id))
+        proposer.plan = auto.start(proposer)
+        return auto, proposer
+
+    auto, proposer = planner_at(4)
+    assert proposer.plan.mode == "tree" and auto.slowdown() is None and measured == [4]
+    for _ in range(OBSERVED_MIN):
+        auto.observe(proposer.plan, 5000.0, 1 + proposer.plan.tree_total_tokens, 4)
+        auto.review(proposer)
+    assert proposer.plan.mode == "plain"
+    again, proposer = planner_at(4)  # the next decode at batch 4: the curve's cache, its ratios
+    assert measured == [4] and again.slowdown() == pytest.approx(auto.slowdown())
+    assert proposer.plan.mode == "plain" and again.settled(proposer.plan)
+    other, proposer = planner_at(1)
+    assert measured == [4, 1] and other.slowdown() is None and proposer.plan.mode == "tree"
+    record = json.loads(again.costs.path.read_text())
+    again.costs.path.write_text(json.dumps({**record, "measured": record["measured"] - 2 * 3600}))
+    fresh, proposer = planner_at(4)
+    assert measured == [4, 1, 4] and fresh.slowdown() is None and proposer.plan.mode == "tree"

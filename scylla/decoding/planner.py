@@ -35,7 +35,11 @@ measured here, never assumed:
   over the latest ``WINDOW`` such steps, scales every speculative candidate's cost. Until
   ``OBSERVED_MIN`` steps are timed, the calibration steps' own ratio stands in. (A ratio, not
   an added constant: on the 2-core EPYC a calibration step of 25-33 tokens took 10-30 ms more
-  than its forwards, a 2-5 token lookup step far less.)
+  than its forwards, a 2-5 token lookup step far less.) A plan is chosen again as soon as
+  ``OBSERVED_MIN`` of its steps are timed, and the ratios are kept with the cost curve (until it
+  is measured again), so the next decode at this batch size starts from them: at batch 4 a
+  tree the curve favoured ran slower than plain decoding for up to ``REPLAN_EVERY``
+  verifications of every decode before its own step times turned it to plain decoding.
 
 The plan maximises predicted tokens per second over the grid. Unless the best speculative
 candidate beats plain decoding (a one-token forward per token) by ``MARGIN``, the decode goes on
@@ -216,10 +220,22 @@ def outcome(step: Step, total: int, depth: int, lookup: int, min_match: int = 1
 class Costs:
     """ms of a target forward of k tokens per row and of a draft forward, at one batch size."""
 
-    def __init__(self, rows: list[dict[str, float]]):
+    def __init__(self, rows: list[dict[str, float]], ratios: list[float] | None = None,
+                 record: dict[str, Any] | None = None, path: Any = None):
+        """ratios: speculative steps' wall time over the curve's forwards, as measured by
+        earlier decodes at this batch size; record, path: the cached curve's file (None: not
+        cached)."""
         self.ks = np.array([r["k"] for r in rows], dtype=float)
         self.target = np.array([r["target_ms"] for r in rows])
         self.draft = np.array([r.get("draft_ms", 0.0) for r in rows])
+        self.ratios = list(ratios or [])
+        self.record, self.path = record, path
+
+    def keep_ratios(self, ratios: list[float]) -> None:
+        """Store ``ratios`` with the cached curve for later decodes at this batch size."""
+        self.ratios = list(ratios)
+        if self.path is not None:
+            _write_json(self.path, {**self.record, "ratios": self.ratios})
 
     def target_ms(self, k: float) -> float:
         return float(np.interp(k, self.ks, self.target))
@@ -231,19 +247,25 @@ class Costs:
 def measured_costs(model: Any, draft: Any, batch: int) -> Costs:
     """The cost curve for this machine, target, draft architecture and batch size: cached as
     JSON in ``plans_dir()`` (measured in seconds on first use, and again once the cached curve
-    is ``COSTS_MAX_AGE_S`` old)."""
+    is ``COSTS_MAX_AGE_S`` old), with the step-time ratios decodes kept with it."""
     shapes = [(n, list(t.shape)) for n, t in [*draft.named_parameters(), *draft.named_buffers()]]
     key = json.dumps([kernels.cpu_model(), os.cpu_count(), torch.__version__,
                       torch.get_num_threads(), str(model.device), str(model.dtype),
                       repr(model.config), type(draft).__name__, shapes, batch,
                       kernels.fingerprint()])
     path = plans_dir() / f"costs-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
-    if path.is_file() and time.time() - path.stat().st_mtime < COSTS_MAX_AGE_S:
-        return Costs(json.loads(path.read_text())["rows"])
+    if path.is_file():
+        try:
+            record = json.loads(path.read_text())
+            if time.time() - record["measured"] < COSTS_MAX_AGE_S:
+                return Costs(record["rows"], record.get("ratios"), record, path)
+        except (ValueError, KeyError, TypeError):
+            pass  # a file of another version of this code: measure again
     rows = forward_cost(model, list(COST_KS), context=128, draft=draft, repeats=3,
                         roofline=False, batch=batch)
-    _write_json(path, {"key": key, "rows": rows})
-    return Costs(rows)
+    record = {"key": key, "rows": rows, "measured": time.time()}
+    _write_json(path, record)
+    return Costs(rows, None, record, path)
 
 
 def _write_json(path: Any, content: Any) -> None:
@@ -405,11 +427,14 @@ class AutoPlanner:
         self.since = 0  # verifications since the last calibration step
         self.plans = 0  # plans chosen in this decode
         self.calibrated = 0  # row-steps this decode verified the calibration tree for
-        self.ratios: list[float] = []  # speculative steps' wall time over their forwards'
         self.shape = dynamic_shape(width, CALIBRATION_DEPTH, CALIBRATION_TOTAL)
         # measured (or read from the cache) before the decode starts: a bench's untimed warm-up
         # pays for the measurement, not the timed run
         self.costs = measured_costs(model, draft, batch)
+        # speculative steps' wall time over their forwards': earlier decodes' at this batch
+        # size, then this decode's (``timed`` of them)
+        self.ratios: list[float] = self.costs.ratios[-WINDOW:]
+        self.timed = 0
 
     @property
     def lookup_room(self) -> int:
@@ -456,19 +481,22 @@ class AutoPlanner:
         self.ratios.append(wall_ms / forwards_ms(self.costs, verified, depth, self.width,
                                                  catch_up))
         del self.ratios[:-WINDOW]
+        self.timed += 1
 
     def review(self, proposer: Any) -> None:
-        """A settled lookup plan verifies no calibration trees, so nothing re-plans it: once
-        ``OBSERVED_MIN`` of its steps are timed, and one verification in ``REPLAN_EVERY`` after,
-        it is chosen again among lookups and plain decoding at its own measured slowdown, and
+        """A speculative plan is chosen again at its own measured slowdown once ``OBSERVED_MIN``
+        of this decode's steps are timed (a drafting plan's calibrations re-plan it after that).
+        A settled lookup plan verifies no calibration trees, so it is chosen again one
+        verification in ``REPLAN_EVERY`` after that too, among lookups and plain decoding, and
         gives way to plain decoding when no lookup pays any more (seen at batch 4: a lookup
         predicted 1.05x ran at 0.93x plain)."""
         plan = proposer.plan
-        if (plan is None or plan.mode != "lookup" or not self.settled(plan)
-                or len(self.ratios) < OBSERVED_MIN
-                or (len(self.ratios) > OBSERVED_MIN and self.since % REPLAN_EVERY)):
+        if plan is None or plan.mode == "plain" or self.slowdown() is None:
             return
-        proposer.plan = self.apply(proposer, drafting=False)
+        if self.timed == OBSERVED_MIN:  # a settled plan's draft has stopped
+            proposer.plan = self.apply(proposer, drafting=not self.settled(plan))
+        elif not plan.drafts and self.settled(plan) and self.since % REPLAN_EVERY == 0:
+            proposer.plan = self.apply(proposer, drafting=False)
 
     def slowdown(self) -> float | None:
         """How much slower than the cost curve this decode's speculative steps ran (their
@@ -481,6 +509,8 @@ class AutoPlanner:
         plan = choose(self.steps, self.costs, self.width, self.ngram, self.batch,
                       self.slowdown(), drafting)
         self.plans += 1
+        if self.timed:
+            self.costs.keep_ratios(self.ratios)
         if plan.drafts:
             proposer.drafter.set_shape(dynamic_shape(self.width, plan.tree_depth,
                                                      plan.tree_total_tokens))
