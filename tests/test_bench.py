@@ -12,7 +12,7 @@ import torch
 from decoding_fixtures import random_draft
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from scylla.commands.bench import format_sweep, format_table, log_to_mlflow
+from scylla.commands.bench import format_sweep, format_table, log_to_mlflow, prompt_cis
 from scylla.commands.cli import main
 from scylla.config import DecodeConfig, TargetSpec, as_params
 from scylla.data.prompts import Prompt
@@ -307,3 +307,12 @@ def test_main_job_baseline_loads_the_models_once_and_logs_both_batch_sizes(
     methods = ["hf", "plain", "hybrid"]  # hybrid with the shipped draft
     assert sorted(runs["decode_batch_size"].astype(int).tolist()) == [1] * 3 + [8] * 3
     assert sorted(runs["method"]) == sorted(methods * 2)
+
+
+def test_the_table_shows_prompt_bootstrap_cis_that_have_a_width():
+    metrics = {"decode/tau": 1.6, "decode/tau_ci_low": 1.52, "decode/tau_ci_high": 1.71,
+               "decode/alpha_at_0": 0.4, "decode/alpha_at_0_ci_low": 0.35,
+               "decode/alpha_at_0_ci_high": 0.45, "decode/alpha": 0.3,
+               "decode/alpha_ci_low": 0.3, "decode/alpha_ci_high": 0.3}
+    assert prompt_cis(metrics) == "tau 1.60 [1.52, 1.71], first-token acceptance 0.40 [0.35, 0.45]"
+    assert prompt_cis({"decode/tau": 1.0}) == ""

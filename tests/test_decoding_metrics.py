@@ -12,6 +12,7 @@ from scylla.decoding.metrics import (
     accepted_histogram,
     by_category,
     decode_metrics,
+    prompt_ci,
     result_metrics,
     summarize,
 )
@@ -50,6 +51,9 @@ def test_decode_metrics_of_known_counts_per_call_and_category():
     res = DecodeResult([[7] * 6, [7] * 4, [7] * 2], [qa, qa2, math_row],
                        seconds={"total": 5.0, "draft": 1.0, "verify": 3.0, "other": 1.0})
     m = decode_metrics(res, ["qa", "qa", "math"], speedup=1.25, exact_match=False)
+    cis = {k: m.pop(k) for k in list(m) if "_ci_" in k}  # prompt_ci's, tested below
+    assert sorted(cis) == sorted(f"decode/{k}_ci_{e}" for k in ("tau", "alpha", "alpha_at_0")
+                                 for e in ("low", "high"))
     assert m == pytest.approx({
         "decode/new_tokens": 12.0, "decode/target_forwards": 7.0, "decode/draft_forwards": 6.0,
         "decode/tau": 12 / 7, "decode/alpha": 5 / 8,
@@ -104,3 +108,26 @@ def test_counts_of_a_real_decode():
         for part in ("draft", "verify", "other"):
             assert m[f"decode/seconds_{part}"] >= 0
     assert taus[0] > 2 and taus[1] < 1.5  # the oracle's drafts are accepted, random ones not
+
+
+def test_prompt_bootstrap_brackets_the_ratio_and_narrows_with_more_prompts():
+    """Half the prompts accept 3 tokens a step, half 1: the CI holds the pooled τ 2, excludes
+    both halves' values, and is about half as wide with 4x the prompts; prompts that all agree
+    have no width, one prompt has no CI."""
+    def cis(n):
+        rows = [row([3] * 10 if i % 2 else [1] * 10, tested=[4, 2], accepted=[2 + i % 2, 0])
+                for i in range(n)]
+        return summarize(rows)["decode/tau"], prompt_ci(rows)
+
+    tau, few = cis(16)
+    _, many = cis(64)
+    assert tau == 2.0 and 1.0 < few["decode/tau_ci_low"] < 2.0 < few["decode/tau_ci_high"] < 3.0
+    width = {n: c["decode/tau_ci_high"] - c["decode/tau_ci_low"] for n, c in ((16, few),
+                                                                             (64, many))}
+    assert 1.6 < width[16] / width[64] < 2.5
+    assert few["decode/alpha_at_0_ci_low"] < 0.625 < few["decode/alpha_at_0_ci_high"]
+    same = prompt_ci([row([2] * 5, tested=[1], accepted=[1])] * 8)
+    assert same["decode/tau_ci_low"] == same["decode/tau_ci_high"] == 2.0
+    assert prompt_ci([row([2] * 5, tested=[1], accepted=[1])]) == {}
+    assert "decode/tau_ci_low" in result_metrics(DecodeResult(tokens=[[1], [2]], stats=[
+        row([2], [1], [1]), row([1], [1], [0])]))

@@ -126,6 +126,16 @@ def describe_plan(plan: dict[str, Any]) -> str:
             f"calibration row-steps, {plan['calibrated']} of them from this decode)")
 
 
+def prompt_cis(metrics: dict[str, float]) -> str:
+    """τ and the acceptances with their bootstrap CIs over prompts ('' when they have none)."""
+    names = {"decode/tau": "tau", "decode/alpha_at_0": "first-token acceptance",
+             "decode/alpha": "acceptance"}
+    parts = [f"{label} {metrics[k]:.2f} [{metrics[k + '_ci_low']:.2f}, "
+             f"{metrics[k + '_ci_high']:.2f}]" for k, label in names.items()
+             if k + "_ci_low" in metrics and metrics[k + "_ci_high"] > metrics[k + "_ci_low"]]
+    return ", ".join(parts)
+
+
 def format_table(report: dict[str, Any]) -> str:
     cfg = report["config"]
     repeats = report.get("repeats", 1)
@@ -156,6 +166,9 @@ def format_table(report: dict[str, Any]) -> str:
             lines.append(f"    {len(rounds)} rounds: {tps[0]:.1f} [{tps[1]:.1f}, {tps[2]:.1f}] "
                          "tok/s" + (f", speed-up {sp[0]:.2f} [{sp[1]:.2f}, {sp[2]:.2f}]x"
                                     if sp else ""))
+        over = prompt_cis(m["metrics"])
+        if over:
+            lines.append(f"    over prompts (95% bootstrap CI): {over}")
         if m["plan"]:
             lines.append(f"    planned: {describe_plan(m['plan'])}")
         for r in rounds:
