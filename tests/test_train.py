@@ -320,6 +320,10 @@ def test_continued_training_accumulates_unseen_slices(target, shards, tmp_path):
                          progress=False, corpus="text")
     spec_b = load_draft(second["draft"], target).spec
     (_, a1, _), (b0, b, _) = spec_b.extra["slices"]
+    # validated before its new slice on the same text: where the first draft ended
+    assert second["start/val/tau_chain"] == pytest.approx(first["val/tau_chain"])
+    assert second["start/val/loss"] == pytest.approx(first["val/loss"])
+    assert "start/val/loss" not in first
     assert a1 == b0 == a and b >= a + 1000
     assert spec_b.extra["cumulative_tokens"] == a + (b - a)
     # the second slice's sequences are disjoint from the first's
@@ -330,6 +334,7 @@ def test_continued_training_accumulates_unseen_slices(target, shards, tmp_path):
     assert seqs_a == set(range(seq0)) and not seqs_a & seqs_b and min(seqs_b) == seq0
     assert second["plan"] == plan_b.digest
     card = (tmp_path / "b" / "draft" / "README.md").read_text()
+    assert "`start/val/tau_chain`" in card
     assert (f"[0, {a}) of text + [{a}, {b}) of text" in card
             and f"| `cumulative_tokens` | {b} |" in card)
     # other data (the target's own answers) has its own order: the draft starts it at 0, and

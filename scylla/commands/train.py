@@ -150,8 +150,8 @@ def run(args: argparse.Namespace) -> int:
             log_result(res)
     if "draft" in res:
         (out / RESULT_FILE).write_text(json.dumps(res, indent=1))
-        say(json.dumps({k: res[k] for k in sorted(res) if k.startswith(("val/", "draft"))},
-                         indent=1))
+        say(json.dumps({k: res[k] for k in sorted(res)
+                        if k.startswith(("val/", "start/val/", "draft"))}, indent=1))
     return 0
 
 
@@ -177,6 +177,9 @@ def train_run(out: Path, params: dict[str, Any]) -> Any:
 
 
 def log_result(res: dict[str, Any]) -> None:
+    # a continued draft's validation before its new slice (Lightning logged it as val/* at
+    # step 0 too; these names keep it apart from the final values)
+    mlflow.log_metrics({k: v for k, v in res.items() if k.startswith("start/val/")})
     if "draft" in res:
         mlflow.set_tag("draft", res["draft"])
         mlflow.log_artifact(str(Path(res["draft"]) / "draft.json"))

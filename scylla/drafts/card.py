@@ -15,6 +15,10 @@ from typing import Any
 from scylla.drafts.spec import DraftSpec
 from scylla.errors import DataError
 
+# the metrics a card records: training, validation, and a continued draft's validation before
+# its new slice (``start/val/*``)
+METRIC_PREFIXES = ("train/", "val/", "start/val/")
+
 CARD = "README.md"
 TRAIN_RESULT = "result.json"  # written by `scylla train` in the directory holding draft/
 # the training record worth a reader's time, in this order (all of TrainConfig is in extra)
@@ -25,8 +29,8 @@ ALGORITHMS = {"eagle": ("eagle", "EAGLE"), "eagle3": ("eagle3", "EAGLE3")}  # vL
 
 
 def train_metrics(draft_dir: str | Path) -> dict[str, float]:
-    """The ``train/*`` and ``val/*`` metrics of the ``scylla train`` run that wrote
-    ``draft_dir`` ({} when the draft was saved some other way)."""
+    """The ``METRIC_PREFIXES`` metrics of the ``scylla train`` run that wrote ``draft_dir`` ({}
+    when the draft was saved some other way)."""
     path = Path(draft_dir).parent / TRAIN_RESULT
     if not path.is_file():
         return {}
@@ -35,7 +39,7 @@ def train_metrics(draft_dir: str | Path) -> dict[str, float]:
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not JSON ({e})") from e
     return {k: float(v) for k, v in result.items()
-            if k.startswith(("train/", "val/")) and isinstance(v, (int, float))}
+            if k.startswith(METRIC_PREFIXES) and isinstance(v, (int, float))}
 
 
 def read_bench(bench: str | Path | dict[str, Any]) -> dict[str, Any]:

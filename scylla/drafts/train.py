@@ -29,6 +29,7 @@ from scylla.data.hidden_states import (
     open_corpus,
     slug,
 )
+from scylla.drafts.card import METRIC_PREFIXES
 from scylla.drafts.checkpoint import draft_dir, load_draft, read_spec
 from scylla.drafts.data import (
     DraftDataModule,
@@ -53,6 +54,8 @@ from scylla.errors import ConfigError, DataError
 from scylla.modeling.targets import TargetInfo
 
 CKPT_DIR = "checkpoints"
+# a continued draft's validation before training on its new slice, kept for a resumed run
+START_METRICS = "start_metrics.json"
 # Data flags of `scylla hidden-states` that `scylla train` shares (the budgets come from
 # TrainConfig, the layers from DraftConfig)
 DATA_SKIP = ("build_tokens", "val_tokens", "max_seq_len", "feature_layers", "tokens_per_shard",
@@ -377,8 +380,16 @@ def train_draft(target: Any, draft_cfg: DraftConfig, cfg: TrainConfig, train: Se
         gradient_clip_val=cfg.grad_clip or None, use_distributed_sampler=False,
         log_every_n_steps=min(10, max(1, len(plan.batches) // 20)), default_root_dir=out)
     last = out / CKPT_DIR / "last.ckpt"
+    start = out / START_METRICS
+    if cfg.init_from and val is not None and not last.is_file() and not start.is_file():
+        # the continued draft on this validation text before its new slice (MLflow: step 0)
+        (before,) = trainer.validate(module, datamodule=datamodule, verbose=False)
+        if trainer.is_global_zero:
+            start.write_text(json.dumps({f"start/{k}": float(v) for k, v in before.items()}))
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
     result = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if start.is_file():
+        result.update(json.loads(start.read_text()))
     result.update(draft_params=draft.draft_params, steps=trainer.global_step,
                   planned_steps=len(plan.batches), plan=plan.digest)
     if trainer.is_global_zero and trainer.global_step >= len(plan.batches):
@@ -387,7 +398,7 @@ def train_draft(target: Any, draft_cfg: DraftConfig, cfg: TrainConfig, train: Se
                  "slices": slices, "cumulative_tokens": sum(b - a for a, b, _ in slices)}
         if vocab is not None and not cfg.init_from:  # a continued draft keeps its record
             extra["vocab"] = vocab.record()
-        metrics = {k: v for k, v in result.items() if k.startswith(("train/", "val/"))}
+        metrics = {k: v for k, v in result.items() if k.startswith(METRIC_PREFIXES)}
         # the checkpoint plus its model card (target, data, budgets, validation metrics)
         result["draft"] = str(save_pretrained(draft, out / "draft", extra, metrics))
     return result
