@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from scylla.commands.cli import main
 from scylla.data.shards import load_manifest
+from scylla.drafts.validate import metric_prefix
 from scylla.drafts.vocab import file_digest
 from scylla.modeling.targets import load_tokenizer
 from scylla.pipeline.owner import OWNER_TAG, owner_id
@@ -231,3 +232,29 @@ def test_budgets_share_one_vocabulary_and_a_draft_continues(workspace, tmp_path)
     assert extra["cumulative_tokens"] == extra["slices"][1][1] >= seen + 600
     c = load_file(str(tmp_path / "c" / "draft" / "draft.safetensors"))
     assert torch.equal(a["d2t"], c["d2t"]) and extra["vocab"] == spec["extra"]["vocab"]
+
+
+def test_validate_reproduces_a_runs_own_validation_and_logs_into_it(workspace, tmp_path,
+                                                                     capsys, mlflow_store):
+    """`scylla validate` on the text a draft was validated on gives its own val/* (the same
+    module, config and shards), logs them into its train run once, and names a missing draft."""
+    shards = tmp_path / "shards"
+    assert main(hs_args(workspace, shards)) == 0
+    assert main(train_args(workspace, shards, tmp_path / "d")) == 0
+    (tr,) = runs("train")
+    exp = mlflow.get_experiment(tr.info.experiment_id).name
+    validate = ["validate", "--target", str(workspace / "target"), "--corpus",
+                str(workspace / "chats.jsonl"), "--shards", str(shards), "--val-tokens", "300",
+                "--no-progress"]
+    assert main([*validate, "--experiment", exp]) == 0
+    prefix = metric_prefix(str(workspace / "chats.jsonl"))
+    (tr,) = runs("train")
+    m = tr.data.metrics
+    for name in ("tau_chain", "top1_acc", "loss", "alpha_at_1", "tau_chain_replayed"):
+        assert m[prefix + name] == pytest.approx(m[f"val/{name}"], rel=1e-6), name
+    assert tr.data.tags["scylla." + prefix.rstrip("/")] == str(shards / "val")
+    capsys.readouterr()
+    assert main([*validate, "--experiment", exp]) == 0  # done already: skipped
+    assert "validated on" in capsys.readouterr().out
+    assert main([*validate, "--draft", str(tmp_path / "gone")]) == 2
+    assert "is not on this machine" in capsys.readouterr().err

@@ -34,6 +34,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "hidden-states": ("scylla.commands.hidden_states",
                       "Run the frozen target over the corpus and write hidden-state shards."),
     "train": ("scylla.commands.train", "Train a draft (scylla or eagle3) on hidden-state shards."),
+    "validate": ("scylla.commands.validate",
+                 "Validate trained drafts on another text's validation shards."),
     "export": ("scylla.commands.export",
                "Write a draft as an EAGLE / EAGLE-3 head for vLLM and SGLang (docs/export.md)."),
 }

@@ -13,6 +13,7 @@ from typing import Any
 
 from scylla import store
 from scylla.commands import sweep as sweep_command
+from scylla.commands.cli import quiet
 from scylla.errors import ConfigError
 from scylla.experiments import FIT_KEYS, default_profile
 from scylla.pipeline.reuse import execute
@@ -55,7 +56,8 @@ def _flag_value(value: str) -> Any:
 
 def _enter(project_dir: Path) -> None:
     """Entry points run where `scylla ...` runs: the repository root (relative paths in
-    params, the default store and artifacts are the same either way)."""
+    params, the default store and artifacts are the same either way), as quiet as `scylla`."""
+    quiet()
     os.environ.setdefault("SCYLLA_PROJECT_DIR", str(project_dir))
     os.chdir(project_dir)
 

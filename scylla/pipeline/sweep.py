@@ -58,6 +58,12 @@ def fit_call(fit: dict[str, Any], source: str, experiment: str, simulated: bool)
                      key_extra={"inputs": inputs_digest(select_runs(spec))})
 
 
+def metric_logged(fit: dict[str, Any], experiment: str) -> bool:
+    """Whether any run the fit selects has its ``y``."""
+    runs = select_runs(FitSpec(experiment=experiment, **fit))
+    return fit["y"] in runs and bool(runs[fit["y"]].notna().any())
+
+
 # Stage params naming files the stage reads (paths relative to the repository root, where
 # sweeps run); checked with the flags so that a missing file fails the sweep before it runs.
 INPUT_FILE_PARAMS = ("prompts",)
@@ -139,6 +145,11 @@ def run_sweep(spec: SweepSpec, profile: str, *, simulate: bool = False,
             produced.append(out.runs[0])
         upstream = produced
     for fit in prof.fits:
+        if not metric_logged(fit, experiment):
+            # a metric a later command adds to the runs (`scylla validate`): fitted once it has
+            log(f"[{spec.name}/{profile}] fit {fit['name']}: not fitted: no {fit['stage']} run "
+                f"has {fit['y']} yet")
+            continue
         out = execute(fit_call(fit, experiment, experiment, simulate), invoke_stage,
                       takeover=takeover, parent_run_id=parent_run_id)
         result.new += not out.reused

@@ -1,0 +1,110 @@
+"""``scylla validate``: trained drafts validated on another text (``scylla.drafts.validate``).
+
+The drafts are given by path (``--draft``, repeatable) or as every finished train run of an
+MLflow experiment (``--experiment``, e.g. ``theorem_1_1_data-fixed_vocab``). The text is the
+validation split the data flags name, built beforehand by ``scylla hidden-states`` with the
+same flags (the target's own answers: ``--answers target``). For a run, the metrics are logged
+into it as ``val_on/<data>/*`` (``val_on/sharegpt-target-greedy-n512/tau_chain``) beside its
+own ``val/*``, so a sweep file's fits and the notebooks fit them like any train metric; a run
+that carries them already is skipped, so a stopped command resumes where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from scylla.analysis.runs import load_runs
+from scylla.commands.cli import add_dataclass_args, dataclass_from_args, say
+from scylla.commands.train import resolve_shard_root
+from scylla.config import TargetSpec
+from scylla.data.hidden_states import HiddenStatesConfig
+from scylla.drafts.checkpoint import draft_dir, load_draft, read_spec
+from scylla.drafts.data import shard_source
+from scylla.drafts.train import check_shards, data_tag
+from scylla.drafts.validate import (
+    metric_names,
+    metric_prefix,
+    validate_draft,
+    validation_config,
+)
+from scylla.errors import ConfigError, DataError
+from scylla.modeling.targets import load_target
+from scylla.store import TAG, mlflow_client_ready
+
+# build-only flags of `scylla hidden-states`: the draft's record fixes max_seq_len and layers
+DATA_SKIP = ("build_tokens", "max_seq_len", "feature_layers", "tokens_per_shard",
+             "build_batch_tokens", "answer_batch_size")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_dataclass_args(parser, TargetSpec)
+    add_dataclass_args(parser, HiddenStatesConfig, skip=DATA_SKIP)
+    g = parser.add_argument_group("drafts")
+    g.add_argument("--draft", action="append", default=[],
+                   help="A draft directory (repeatable).")
+    g.add_argument("--experiment", default="",
+                   help="Validate the draft of every finished train run of this MLflow "
+                        "experiment and log the metrics into the run.")
+    g.add_argument("--no-progress", action="store_true", help="No progress bars.")
+
+
+def drafts_to_validate(args: argparse.Namespace) -> list[tuple[str, str | None]]:
+    """(draft path, train run id or None) of every draft the flags name."""
+    out: list[tuple[str, str | None]] = [(d, None) for d in args.draft]
+    if args.experiment:
+        runs = load_runs(args.experiment, stage="train")
+        if runs.empty:
+            raise ConfigError(f"--experiment {args.experiment!r}: no finished train run")
+        client = mlflow_client_ready().MlflowClient()
+        for run_id in runs["run_id"]:
+            path = client.get_run(run_id).data.tags.get("draft")
+            if path is None:
+                raise DataError(f"train run {run_id} of {args.experiment} names no draft")
+            out.append((path, run_id))
+    if not out:
+        raise ConfigError("name drafts with --draft or --experiment")
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    data = dataclass_from_args(HiddenStatesConfig, args)
+    if not data.val_tokens:
+        raise ConfigError("HiddenStatesConfig.val_tokens=0: there is nothing to validate on")
+    tag = data_tag(data)
+    prefix = metric_prefix(tag)
+    todo = drafts_to_validate(args)
+    target = load_target(dataclass_from_args(TargetSpec, args))
+    client = mlflow_client_ready().MlflowClient() if args.experiment else None
+    results: dict[str, Any] = {}
+    for path, run_id in todo:
+        where = f"draft {path}" + (f" (train run {run_id})" if run_id else "")
+        if client is not None and run_id and \
+                prefix + "tau_chain" in client.get_run(run_id).data.metrics:
+            say(f"{where}: validated on {tag} already")
+            continue
+        if not Path(path).expanduser().exists():
+            raise DataError(f"{where} is not on this machine; train it again (the sweep "
+                            "remakes it) or validate a draft that is")
+        directory = draft_dir(Path(path).expanduser())
+        spec = read_spec(directory)
+        cfg = validation_config(spec, data.val_tokens, where)
+        layers = tuple(spec.feature_layers)
+        shard_data = dataclasses.replace(data, max_seq_len=cfg.max_seq_len,
+                                         feature_layers=",".join(map(str, layers)))
+        val_dir = resolve_shard_root(shard_data, target, layers) / "val"
+        val = shard_source(str(val_dir), cfg.val_tokens, "val_tokens", "--val-tokens")
+        check_shards(val, target, cfg, layers, str(val_dir))
+        metrics = metric_names(validate_draft(load_draft(directory, target), cfg, val,
+                                              progress=not args.no_progress), tag)
+        if client is not None and run_id:
+            for key, value in metrics.items():
+                client.log_metric(run_id, key, value)
+            client.set_tag(run_id, f"{TAG}{prefix.rstrip('/')}", str(val_dir))
+        results[run_id or path] = metrics
+        say(f"{where}: tau_chain {metrics[prefix + 'tau_chain']:.3f}, top-1 "
+            f"{metrics[prefix + 'top1_acc']:.3f} on {val_dir}")
+    say(json.dumps(results, indent=1))
+    return 0
