@@ -51,6 +51,15 @@ def test_the_four_sweep_files_cover_what_the_issue_asks():
         assert axis(t12, profile, "train", "draft_n_layer") == [1, 2, 3, 4, 6, 8]
         assert len(axis(t12, profile, "train", "seed")) >= 2
         assert len(axis(t12, profile, "train", "train_tokens")) == 1
+    # the rerun without the vocabulary confound: one vocabulary for every point, 3 seeds
+    for spec in (t11, t12):
+        plan = spec.profile("fixed_vocab").stages["train"]
+        assert {p.params["vocab"] for p in plan.points()} == {"corpus"}
+        assert len({p.params["vocab_tokens"] for p in plan.points()}) == 1
+        assert axis(spec, "fixed_vocab", "train", "seed") == [0, 1, 2]
+    tokens = axis(t11, "fixed_vocab", "train", "train_tokens")
+    assert math.log10(max(tokens) / min(tokens)) >= 1.5
+    assert any(f["y"].startswith("val_on/") for f in t11.profile("fixed_vocab").fits)
     t13 = load_sweep("theorem_1_3_batch")
     assert axis(t13, "paper", "decode", "decode_batch_size") == [1, 2, 4, 8, 16, 32]
     assert len(axis(t13, "paper", "decode", "tree_total_tokens")) >= 3
@@ -387,6 +396,26 @@ def test_outputs_gone_from_this_machine_are_made_again_only_when_needed(mlflow_s
     assert not any(output_gone(r) for r in trains)
     # the remade runs are now the ones reused
     assert run_sweep(load_sweep(path), "quick", simulate=True, log=lambda s: None).new == 0
+
+
+def test_a_fit_of_a_metric_no_run_has_yet_is_left_for_later(mlflow_store, tmp_path):
+    """A fit of a metric a later command logs into the runs (`scylla validate`) is skipped with
+    a line saying so; the other fits run, and the sweep fits it once the runs carry it."""
+    path = write_sweep(tmp_path, TINY + "      - {name: later, stage: train, x: train_tokens, "
+                       "y: val_on/x/tau_chain}\n")
+    lines = []
+    first = run_sweep(load_sweep(path), "quick", simulate=True, log=lines.append)
+    assert set(first.fits) == {"tau"}
+    assert any("fit later: not fitted: no train run has val_on/x/tau_chain yet" in line
+               for line in lines)
+    client = mlflow.MlflowClient()
+    for run in runs_of("tiny-quick-simulated"):
+        if run.data.tags["stage"] == "train":
+            client.log_metric(run.info.run_id, "val_on/x/tau_chain",
+                              run.data.metrics["val/tau_chain"] + 0.1)
+    again = run_sweep(load_sweep(path), "quick", simulate=True, log=lambda s: None)
+    assert set(again.fits) == {"tau", "later"}
+    assert again.fits["later"]["law/slope"] == pytest.approx(first.fits["tau"]["law/slope"])
 
 
 # -- MLproject entry points ------------------------------------------------------------------------
