@@ -22,8 +22,7 @@ from scylla.commands.train import resolve_shard_root
 from scylla.config import TargetSpec
 from scylla.data.hidden_states import HiddenStatesConfig
 from scylla.drafts.checkpoint import draft_dir, load_draft, read_spec
-from scylla.drafts.data import shard_source
-from scylla.drafts.train import check_shards, data_tag
+from scylla.drafts.train import data_tag, val_shards
 from scylla.drafts.validate import (
     metric_names,
     metric_prefix,
@@ -51,19 +50,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="No progress bars.")
 
 
-def drafts_to_validate(args: argparse.Namespace) -> list[tuple[str, str | None]]:
-    """(draft path, train run id or None) of every draft the flags name."""
-    out: list[tuple[str, str | None]] = [(d, None) for d in args.draft]
+def drafts_to_validate(args: argparse.Namespace, done_metric: str
+                       ) -> list[tuple[str, str | None, bool]]:
+    """(draft path, train run id or None, whether the run has ``done_metric`` already) of every
+    draft the flags name."""
+    out: list[tuple[str, str | None, bool]] = [(d, None, False) for d in args.draft]
     if args.experiment:
         runs = load_runs(args.experiment, stage="train")
         if runs.empty:
             raise ConfigError(f"--experiment {args.experiment!r}: no finished train run")
+        done = runs[done_metric].notna() if done_metric in runs else [False] * len(runs)
         client = mlflow_client_ready().MlflowClient()
-        for run_id in runs["run_id"]:
+        for run_id, was_done in zip(runs["run_id"], done):
             path = client.get_run(run_id).data.tags.get("draft")
             if path is None:
                 raise DataError(f"train run {run_id} of {args.experiment} names no draft")
-            out.append((path, run_id))
+            out.append((path, run_id, bool(was_done)))
     if not out:
         raise ConfigError("name drafts with --draft or --experiment")
     return out
@@ -75,14 +77,14 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("HiddenStatesConfig.val_tokens=0: there is nothing to validate on")
     tag = data_tag(data)
     prefix = metric_prefix(tag)
-    todo = drafts_to_validate(args)
+    todo = drafts_to_validate(args, prefix + "tau_chain")
     target = load_target(dataclass_from_args(TargetSpec, args))
     client = mlflow_client_ready().MlflowClient() if args.experiment else None
+    sources: dict[tuple, tuple[Path, Any]] = {}  # (max_seq_len, layers) -> val dir and shards
     results: dict[str, Any] = {}
-    for path, run_id in todo:
+    for path, run_id, done in todo:
         where = f"draft {path}" + (f" (train run {run_id})" if run_id else "")
-        if client is not None and run_id and \
-                prefix + "tau_chain" in client.get_run(run_id).data.metrics:
+        if done:
             say(f"{where}: validated on {tag} already")
             continue
         if not Path(path).expanduser().exists():
@@ -92,16 +94,17 @@ def run(args: argparse.Namespace) -> int:
         spec = read_spec(directory)
         cfg = validation_config(spec, data.val_tokens, where)
         layers = tuple(spec.feature_layers)
-        shard_data = dataclasses.replace(data, max_seq_len=cfg.max_seq_len,
-                                         feature_layers=",".join(map(str, layers)))
-        val_dir = resolve_shard_root(shard_data, target, layers) / "val"
-        val = shard_source(str(val_dir), cfg.val_tokens, "val_tokens", "--val-tokens")
-        check_shards(val, target, cfg, layers, str(val_dir))
+        key = (cfg.max_seq_len, layers)
+        if key not in sources:  # the drafts of one sweep share them: open the corpus once
+            root = resolve_shard_root(dataclasses.replace(data, max_seq_len=cfg.max_seq_len),
+                                      target, layers)
+            sources[key] = root / "val", val_shards(root, target, cfg, layers)
+        val_dir, val = sources[key]
         metrics = metric_names(validate_draft(load_draft(directory, target), cfg, val,
                                               progress=not args.no_progress), tag)
         if client is not None and run_id:
-            for key, value in metrics.items():
-                client.log_metric(run_id, key, value)
+            for name, value in metrics.items():
+                client.log_metric(run_id, name, value)
             client.set_tag(run_id, f"{TAG}{prefix.rstrip('/')}", str(val_dir))
         results[run_id or path] = metrics
         say(f"{where}: tau_chain {metrics[prefix + 'tau_chain']:.3f}, top-1 "

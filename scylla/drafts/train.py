@@ -125,11 +125,15 @@ def shard_sources(root: Path, target: Any, cfg: TrainConfig, layers: tuple[int, 
     budget = data_budget(cfg, tag)
     train = shard_source(str(root / "train"), budget, "train_tokens", "--build-tokens")
     check_shards(train, target, cfg, layers, str(root / "train"))
-    val = None
-    if cfg.val_tokens:
-        val = shard_source(str(root / "val"), cfg.val_tokens, "val_tokens", "--val-tokens")
-        check_shards(val, target, cfg, layers, str(root / "val"))
-    return train, val
+    return train, val_shards(root, target, cfg, layers) if cfg.val_tokens else None
+
+
+def val_shards(root: Path, target: Any, cfg: TrainConfig, layers: tuple[int, ...]
+               ) -> SequenceSource:
+    """The first ``cfg.val_tokens`` of the validation shards under ``root``, checked."""
+    val = shard_source(str(root / "val"), cfg.val_tokens, "val_tokens", "--val-tokens")
+    check_shards(val, target, cfg, layers, str(root / "val"))
+    return val
 
 
 def prefix_examples(corpus: Any, tokens: int, strict: bool) -> list[Any]:

@@ -49,19 +49,16 @@ class SweepResult:
     fits: dict[str, Any] = field(default_factory=dict)  # fit name -> law/* metrics
 
 
-def fit_call(fit: dict[str, Any], source: str, experiment: str, simulated: bool) -> StageCall:
+def fit_call(fit: dict[str, Any], source: str, experiment: str, simulated: bool,
+             runs: Any = None) -> StageCall:
     """A fit of runs in experiment ``source``, logged in ``experiment``; its key includes the
-    exact input runs, so a fit is redone when they change."""
-    spec = FitSpec(experiment=source, **fit)
+    exact input runs (``runs``, when the caller selected them already), so a fit is redone when
+    they change."""
+    if runs is None:
+        runs = select_runs(FitSpec(experiment=source, **fit))
     flags = {"experiment": source, **{k: v for k, v in fit.items() if v}}
     return StageCall("fit", flags, experiment, simulated=simulated,
-                     key_extra={"inputs": inputs_digest(select_runs(spec))})
-
-
-def metric_logged(fit: dict[str, Any], experiment: str) -> bool:
-    """Whether any run the fit selects has its ``y``."""
-    runs = select_runs(FitSpec(experiment=experiment, **fit))
-    return fit["y"] in runs and bool(runs[fit["y"]].notna().any())
+                     key_extra={"inputs": inputs_digest(runs)})
 
 
 # Stage params naming files the stage reads (paths relative to the repository root, where
@@ -145,12 +142,13 @@ def run_sweep(spec: SweepSpec, profile: str, *, simulate: bool = False,
             produced.append(out.runs[0])
         upstream = produced
     for fit in prof.fits:
-        if not metric_logged(fit, experiment):
+        runs = select_runs(FitSpec(experiment=experiment, **fit))
+        if fit["y"] not in runs or not runs[fit["y"]].notna().any():
             # a metric a later command adds to the runs (`scylla validate`): fitted once it has
             log(f"[{spec.name}/{profile}] fit {fit['name']}: not fitted: no {fit['stage']} run "
                 f"has {fit['y']} yet")
             continue
-        out = execute(fit_call(fit, experiment, experiment, simulate), invoke_stage,
+        out = execute(fit_call(fit, experiment, experiment, simulate, runs), invoke_stage,
                       takeover=takeover, parent_run_id=parent_run_id)
         result.new += not out.reused
         result.reused += out.reused
