@@ -194,6 +194,22 @@ def notebooks() -> dict[str, list]:
             code('tables["laws"]'),
             md("## τ and speed\nTree decoding per draft and batch size (baselines sweep)."),
             code('tables["speed"]'),
+            md("## Draft recipes\nHand-run draft trainings in the `scylla` experiment that "
+               "differ only in how they train (issue 21's ablations): 300,000 tokens of the "
+               "target's own answers each, every one validated on the same target-written "
+               "text and decoded on the same 40 Spec-Bench prompts × 128 tokens (`scylla bench "
+               "--methods plain,chain,tree`). A recipe is named by its settings that differ "
+               "from the most common ones. Change `RECIPES` to compare other runs."),
+            code('RECIPES = "params.answers = \'target\' and params.train_tokens = \'300000\'"\n'
+                 'train = sa.load_runs("scylla", stage="train", filter_string=RECIPES,\n'
+                 '                     tags={"draft": "draft_dir"})\n'
+                 'decode = sa.load_runs("scylla", stage="decode", filter_string=(\n'
+                 '    "params.prompts = \'spec-bench\' and params.num_prompts = \'40\' "\n'
+                 '    "and params.max_new_tokens = \'128\'"))\n'
+                 "recipes = sa.recipe_table(train, decode)\n"
+                 'print(f"{len(recipes)} recipe runs") if recipes.empty else '
+                 "sa.plot_recipes(recipes);"),
+            code("recipes.round(3)"),
             md("## Headline\nThe summary the README shows (also saved as `headline.md`)."),
             code("display(Markdown(sa.headline_markdown(tables)))\n"
                  "sa.save_headline(tables, POINTS_DIR)"),

@@ -92,6 +92,7 @@ class DecodeConfig:
 
 
 DRAFT_KINDS = ("scylla", "eagle3")
+HEADS = ("target", "trained")  # DraftConfig.head
 
 
 @dataclass
@@ -109,6 +110,10 @@ class DraftConfig:
                             "0 = the whole training split.", 0)
     feature_layers: str = doc("eagle3: target hidden_states indices fused as low,mid,high "
                               "(e.g. '2,15,27'); '' = EAGLE-3's (2, L//2, L-3).", "")
+    head: str = doc("scylla: the draft's LM head: 'target' = the target's frozen rows of the "
+                    "draft vocabulary (shared, not stored with the draft); 'trained' = a copy "
+                    "of them trained with the draft and stored with it (eagle3 always trains "
+                    "its own).", "target")
 
     def __post_init__(self) -> None:
         o = "DraftConfig"
@@ -119,6 +124,9 @@ class DraftConfig:
         check(self.vocab_tokens >= 0, o, "vocab_tokens", self.vocab_tokens, ">= 0")
         check(not self.feature_layers or self.kind == "eagle3", o, "feature_layers",
               self.feature_layers, "only for kind='eagle3'")
+        check(self.head in HEADS, o, "head", self.head, f"one of {HEADS}")
+        check(self.head == "target" or self.kind == "scylla", o, "head", self.head,
+              "'target' for kind='eagle3' (its head is always its own, trained)")
         check(self.kind != "eagle3" or self.draft_n_layer == 1, o, "draft_n_layer",
               self.draft_n_layer, "1 for kind='eagle3' (EAGLE-3 as vLLM and SGLang serve it)")
 
@@ -146,6 +154,10 @@ class TrainConfig:
     ttt_steps: int = doc("Training-time test: steps the draft is unrolled on its own features "
                          "during training; 0 = the kind's default (scylla 1, eagle3 3).", 0)
     ttt_decay: float = doc("Weight of unrolled step k is ttt_decay**k (EAGLE-3: 0.8).", 0.8)
+    distill_top_k: int = doc("Distil only the target's K most likely tokens (HASS's top-K "
+                             "distillation): the cross-entropy term sums over them alone; 0 = "
+                             "the full soft cross-entropy. Validation always uses the full one.",
+                             0)
     val_chain_len: int = doc("Chain length gamma of val/tau_chain (draft steps unrolled).", 5)
     warmup_steps: int = doc("Linear learning-rate warm-up steps (then cosine decay to "
                             "lr/10 at the last step).", 10)
@@ -175,6 +187,7 @@ class TrainConfig:
         check(self.val_tokens >= 0, o, "val_tokens", self.val_tokens, ">= 0")
         check(self.ttt_steps >= 0, o, "ttt_steps", self.ttt_steps, ">= 0")
         check(0 < self.ttt_decay <= 1, o, "ttt_decay", self.ttt_decay, "in (0, 1]")
+        check(self.distill_top_k >= 0, o, "distill_top_k", self.distill_top_k, ">= 0")
         check(self.val_chain_len >= 1, o, "val_chain_len", self.val_chain_len, ">= 1")
         check(self.warmup_steps >= 0, o, "warmup_steps", self.warmup_steps, ">= 0")
         check(self.grad_clip >= 0, o, "grad_clip", self.grad_clip, ">= 0")

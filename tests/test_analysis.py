@@ -493,3 +493,43 @@ def test_cost_model_names_what_is_missing(mlflow_store):
         {"decode_batch_size": [1, 1, 8], "tree_total_tokens": [1, 4, 1],
          "predicted": [1.1, 1.3, 0.7]}))
     assert best.values.tolist() == [[1, 4, 1.3], [8, 0, 1.0]]
+
+
+# -- recipe ablations -------------------------------------------------------------------------
+
+def test_recipe_table_joins_each_training_to_its_drafts_decodes(mlflow_store, tmp_path):
+    """Three trainings that differ in one setting each (one logged before ``distill_top_k``
+    existed), their chain and tree decodes found by draft path; an unrelated decode of another
+    draft is left out, and a draft decoded twice shows its newest decode."""
+    recipes = [({}, 1.50, 1.40), ({"distill_top_k": 10}, 1.60, 1.55),
+               ({"epochs": 2}, 1.70, 1.45)]
+    for i, (change, tau_chain, tree_tau) in enumerate(recipes):
+        params = {"train_tokens": 300000, "epochs": 1, "ttt_steps": 0, "head": "target",
+                  **({"distill_top_k": 0} if i else {}), **change}
+        with tracking.stage_run("train", params, experiment="exp"):
+            mlflow.set_tag("draft", str(tmp_path / f"d{i}"))
+            mlflow.log_metrics({"val/tau_chain": tau_chain, "val/top1_acc": 0.3 + i / 10})
+        for method, tau in (("chain", tau_chain - 0.3), ("tree", 0.0), ("tree", tree_tau)):
+            with tracking.stage_run("decode", {"method": method, "draft": str(tmp_path / f"d{i}")},
+                                    experiment="exp"):
+                mlflow.log_metrics({"decode/tau": tau, "decode/tau_ci_low": tau - 0.05,
+                                    "decode/tau_ci_high": tau + 0.05,
+                                    "decode/alpha_at_0": 0.2 + i / 100})
+    with tracking.stage_run("decode", {"method": "tree", "draft": "elsewhere"}, experiment="exp"):
+        mlflow.log_metric("decode/tau", 9.0)
+    train = sa.load_runs("exp", stage="train", tags={"draft": "draft_dir"})
+    table = sa.recipe_table(train, sa.load_runs("exp", stage="decode"))
+    # sorted by tree τ; each recipe named by the setting it changes
+    assert table["recipe"].tolist() == ["distill_top_k=10", "epochs=2",
+                                        "base (epochs=1, distill_top_k=0)"]
+    assert table["tree τ"].tolist() == pytest.approx([1.55, 1.45, 1.40])
+    assert table["tree τ low"].tolist() == pytest.approx([1.50, 1.40, 1.35])
+    assert table["chain τ"].tolist() == pytest.approx([1.30, 1.40, 1.20])
+    assert table["chain first-token acceptance"].tolist() == pytest.approx([0.21, 0.22, 0.20])
+    assert table["val/tau_chain"].tolist() == pytest.approx([1.60, 1.70, 1.50])
+    assert (table["run minutes"] >= 0).all()
+    fig = sa.plot_recipes(table)
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == table["recipe"].tolist()
+    with pytest.raises(ValueError, match="tags=\\{'draft': 'draft_dir'\\}"):
+        sa.recipe_table(sa.load_runs("exp", stage="train"), table)
+    assert sa.recipe_table(sa.load_runs("nope"), table).empty

@@ -229,6 +229,11 @@ def test_unexportable_drafts_raise_config_errors_naming_the_field(target, tmp_pa
         export_draft(scylla_draft(target, False), tmp_path, "medusa")
     with pytest.raises(ConfigError, match="draft_n_layer=2"):
         instantiate(draft_spec("eagle3", 2, target), target)
+    own_head = instantiate(draft_spec("scylla", 1, target, head="trained"), target)
+    with pytest.raises(ConfigError, match="head='trained': an EAGLE head reads out with"):
+        export_draft(own_head, tmp_path, "eagle")
+    with pytest.raises(ConfigError, match="DraftConfig.head='trained'"):
+        draft_spec("eagle3", 1, target, head="trained")
     biased = scylla_draft(target, False)
     biased.spec = dataclasses.replace(biased.spec, layer_config=dataclasses.replace(
         biased.spec.layer_config, attention_bias=True))

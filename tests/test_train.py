@@ -354,3 +354,65 @@ def test_continued_training_accumulates_unseen_slices(target, shards, tmp_path):
     with pytest.raises(ConfigError, match="draft_n_layer=1; it cannot continue as "
                                           "DraftConfig.draft_n_layer=2"):
         initial_draft(target, DraftConfig(draft_n_layer=2), more, train, None)
+
+
+def test_a_trained_head_starts_as_the_targets_rows_learns_and_is_stored(target, shards,
+                                                                        tmp_path):
+    train, val = sources(shards)
+    vocab = fixed_vocab(tmp_path / "vocab.safetensors")
+    cfg = DraftConfig(draft_vocab_size=64, head="trained")
+    start = new_draft(target, cfg, config(), vocab_map(train, cfg, config(), target, vocab))
+    frozen = new_draft(target, DraftConfig(draft_vocab_size=64), config(),
+                       vocab_map(train, cfg, config(), target, vocab))
+    # it starts as the frozen head: the same rows, so the same logits
+    assert torch.equal(start.lm_head.weight, start.target_head_weight)
+    h = torch.randn(3, 64)
+    torch.testing.assert_close(start.readout(h), frozen.readout(h))
+    assert start.draft_params == frozen.draft_params + 64 * 64  # the head's rows are parameters
+    res = train_draft(target, cfg, config(), train, val, tmp_path, progress=False, vocab=vocab)
+    draft = load_draft(res["draft"], target)
+    assert draft.spec.head == "trained" and "lm_head.weight" in weights(tmp_path)
+    assert not torch.equal(draft.lm_head.weight, draft.target_head_weight)  # it was trained
+    assert "lm_head.weight" not in weights_of_frozen(target, shards, tmp_path / "f", vocab)
+    # a draft continues only with the head it has
+    more = config(train_tokens=1000, init_from=str(tmp_path))
+    with pytest.raises(ConfigError, match="head='trained'; it cannot continue as "
+                                          "DraftConfig.head='target'"):
+        initial_draft(target, DraftConfig(draft_vocab_size=64), more, train, None)
+    with pytest.raises(ConfigError, match="DraftConfig.head='own'"):
+        DraftConfig(head="own")
+    with pytest.raises(ConfigError, match="DraftConfig.head='trained'"):
+        DraftConfig(kind="eagle3", head="trained")
+
+
+def weights_of_frozen(target, shards, out, vocab):
+    train, val = sources(shards, train=1000, val=400)
+    train_draft(target, DraftConfig(draft_vocab_size=64), config(train_tokens=1000,
+                val_tokens=400), train, val, out, progress=False, vocab=vocab)
+    return weights(out)
+
+
+def test_top_k_distillation_sums_the_cross_entropy_over_the_targets_top_k_tokens(target):
+    torch.manual_seed(0)
+    draft = new_draft(target, DraftConfig(), config(), None)
+    ids = torch.randint(3, 256, (2, 10))
+    out = target.model(ids)
+    mask = torch.ones(2, 10)
+    hiddens = unroll(draft, ids, out.last_hidden, 1)
+    args = (draft, hiddens, out.last_hidden, mask, 0.0, 1.0, 1.0)  # CE alone
+    full = objective(*args).loss
+    top = objective(*args, top_k=5).loss
+    # by hand: -sum over the target's 5 most likely tokens of p log q, mean over rows
+    h = hiddens[0][:, :8].flatten(0, 1)  # rows t predict t+2: 8 of 10 positions per sequence
+    p = torch.softmax(draft.target_logits(out.last_hidden[:, 1:9].flatten(0, 1)).float(), -1)
+    logq = torch.log_softmax(draft.readout(h).float(), -1)
+    probs, k = p.topk(5, -1)
+    by_hand = -(probs * logq.gather(-1, k)).sum(-1).mean()
+    torch.testing.assert_close(top, by_hand)
+    assert 0 < top < full  # fewer (non-negative) terms
+    assert objective(*args, top_k=256).loss == full  # K = the vocabulary: the full CE
+    res = objective(*args, top_k=5)
+    res.loss.backward()
+    assert draft.fc.weight.grad is not None and draft.fc.weight.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="TrainConfig.distill_top_k=-1"):
+        config(distill_top_k=-1)

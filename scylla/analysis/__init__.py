@@ -34,6 +34,7 @@ from scylla.analysis.plots import (
                                     plot_theorem_1_3,
                                     table_5,
 )
+from scylla.analysis.recipes import plot_recipes, recipe_table
 from scylla.analysis.runs import (
                                     best_per,
                                     category_table,
@@ -55,6 +56,7 @@ from scylla.experiments import experiment_name
 
 __all__ = [
     "A100_8B", "Roofline", "cost_model", "forward_costs", "plot_cost_model",
+    "plot_recipes", "recipe_table",
     "CLAIMS", "batch_cells", "best_per", "best_width_per_round",
     "category_table", "chain_steps", "chain_steps_note",
     "claim_markdown", "experiment_name", "fit_loglinear", "FitResult", "fits_table",

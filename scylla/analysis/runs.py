@@ -47,7 +47,8 @@ def _numeric(col: pd.Series) -> pd.Series:
 
 def load_runs(experiment: str | Iterable[str] | None = None, stage: str | None = None,
               filter_string: str | None = None, *, finished_only: bool = True,
-              latest_per_point: bool = True) -> pd.DataFrame:
+              latest_per_point: bool = True, tags: dict[str, str] | None = None
+              ) -> pd.DataFrame:
     """Runs of ``experiment`` (a name, names, or None for all) as a tidy frame.
 
     ``stage`` keeps runs with that ``stage`` tag; ``filter_string`` is an MLflow filter ANDed
@@ -55,7 +56,8 @@ def load_runs(experiment: str | Iterable[str] | None = None, stage: str | None =
     under their bare names (``train_tokens``, ``val/tau_chain``), numeric params converted.
     With ``finished_only``, only FINISHED runs of complete attempts (see ``scylla.pipeline.reuse``);
     with ``latest_per_point``, one attempt per grid point, the newest, so a point rerun
-    after a code change counts once.
+    after a code change counts once. ``tags`` adds columns of more tags (tag -> column), e.g.
+    ``{"draft": "draft_dir"}``: where a train run wrote its draft.
     """
     mlflow = store.mlflow_client_ready()
     if experiment is None:
@@ -80,7 +82,7 @@ def load_runs(experiment: str | Iterable[str] | None = None, stage: str | None =
         "experiment": raw["experiment_id"].map(names_by_id),
         "status": raw["status"], "start_time": raw["start_time"],
         "end_time": raw["end_time"]})
-    for tag, column in TAG_COLUMNS.items():
+    for tag, column in {**TAG_COLUMNS, **(tags or {})}.items():
         df[column] = raw.get(f"tags.{tag}")
     params = {c.removeprefix("params."): _numeric(raw[c].fillna(""))
               for c in raw.columns if c.startswith("params.")}

@@ -83,6 +83,8 @@ def _about(spec: DraftSpec, draft_params: int) -> list[str]:
         ["target", f"`{t.name}` (hidden {t.hidden_size}, {t.num_hidden_layers} layers)"],
         ["draft kind", f"`{spec.kind}`"], ["draft layers", str(spec.draft_n_layer)],
         ["feature", feature], ["vocabulary", vocab],
+        ["LM head", "its own, trained and stored with it" if spec.head == "trained"
+         or spec.kind == "eagle3" else "the target's rows, frozen (not stored)"],
         ["trainable parameters", f"{draft_params:,}"]])
 
 

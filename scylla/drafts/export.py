@@ -135,6 +135,10 @@ def eagle_tensors(spec: DraftSpec, state: dict[str, torch.Tensor]
     if spec.kind != "scylla":
         raise ConfigError(f"kind={spec.kind!r} cannot be exported as eagle: "
                           f"{WHY_NOT.get(spec.kind, 'only scylla and served-eagle drafts can')}")
+    if spec.head != "target":
+        raise ConfigError(f"head={spec.head!r}: an EAGLE head reads out with the target's own "
+                          "LM head, so a draft with a head of its own cannot be exported as "
+                          "eagle")
     out = pass_through(spec.layer_config, state["fc.weight"].dtype)
     for name, tensor in body.items():
         if name.startswith("layers."):

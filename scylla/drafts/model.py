@@ -8,7 +8,8 @@ position t; the output ``hidden`` at t predicts x_{t+2}. For further draft steps
   hidden state, projected with the embedding by ``fc([embed(x); feature]) : 2H -> H`` into
   ``draft_n_layer`` of our ``DecoderLayer``s; ``hidden`` is regressed onto the target's next
   feature and read out by the target's frozen LM head (no norm in between, as the target's
-  feature is already normed).
+  feature is already normed). With ``head="trained"`` it reads out with its own copy of those
+  rows instead, trained with the draft and stored with it.
 - ``Eagle3Draft`` (the strongest public baseline), EAGLE-3 exactly as vLLM and SGLang serve it, so
   that ``scylla export --format eagle3`` writes it unchanged: one layer; the feature is the
   target's low / middle / high hidden states fused by ``fc : 3H -> H`` (the draft's own hidden
@@ -165,7 +166,20 @@ class DraftModel(nn.Module):
 
 
 class ScyllaDraft(DraftModel):
-    """EAGLE-2-style draft with ``draft_n_layer`` layers, read out by the target's LM head."""
+    """EAGLE-2-style draft with ``draft_n_layer`` layers, read out by the target's LM head (or,
+    ``spec.head == "trained"``, by a trainable copy of its rows)."""
+
+    def __init__(self, spec: DraftSpec, embed_weight: torch.Tensor,
+                 target_head_weight: torch.Tensor, d2t: torch.Tensor | None):
+        super().__init__(spec, embed_weight, target_head_weight, d2t)
+        self.lm_head = None
+        if spec.head == "trained":
+            self.lm_head = Linear(spec.target.hidden_size, spec.vocab_size, bias=False)
+            with torch.no_grad():
+                self.lm_head.weight.copy_(target_head_weight)
+
+    def readout(self, hidden: torch.Tensor) -> torch.Tensor:
+        return super().readout(hidden) if self.lm_head is None else self.lm_head(hidden)
 
     def init_for_training(self) -> None:
         """Zero every layer's residual-branch output (attention ``o_proj``, MLP ``down_proj``):
@@ -248,16 +262,19 @@ KINDS: dict[str, type[DraftModel]] = {"scylla": ScyllaDraft, "eagle3": Eagle3Dra
 
 
 def draft_spec(kind: str, draft_n_layer: int, target: Any, draft_vocab_size: int = 0,
-               feature_layers: str = "", extra: dict[str, Any] | None = None) -> DraftSpec:
+               feature_layers: str = "", extra: dict[str, Any] | None = None,
+               head: str = "target") -> DraftSpec:
     """The spec of a new draft for ``target`` (a ``Target`` or anything with .name, .model)."""
     if kind not in KINDS:
         raise ConfigError(f"DraftConfig.kind={kind!r}: one of {tuple(KINDS)}")
+    if head != "target" and kind != "scylla":
+        raise ConfigError(f"DraftConfig.head={head!r}: only a scylla draft has a choice of head")
     info = TargetInfo.of(target)
     layer_config = dataclasses.replace(target.model.config, num_hidden_layers=draft_n_layer)
     layers = parse_layers(feature_layers, info.num_hidden_layers) if kind == "eagle3" else ()
     return DraftSpec(kind=kind, draft_n_layer=draft_n_layer, target=info,
                      layer_config=layer_config, feature_layers=layers,
-                     draft_vocab_size=draft_vocab_size, extra=dict(extra or {}))
+                     draft_vocab_size=draft_vocab_size, head=head, extra=dict(extra or {}))
 
 
 def instantiate(spec: DraftSpec, target: Any, d2t: torch.Tensor | None = None,

@@ -84,7 +84,8 @@ class DraftTraining(L.LightningModule):
         feats = self._features(batch)
         hiddens = unroll(self.draft, batch["input_ids"], feats, self.steps, self._noise(feats))
         obj = objective(self.draft, hiddens, batch["last_hidden"], batch["loss_mask"],
-                        self.cfg.w_hidden, self.cfg.w_logits, self.cfg.ttt_decay)
+                        self.cfg.w_hidden, self.cfg.w_logits, self.cfg.ttt_decay,
+                        self.cfg.distill_top_k)
         first = obj.steps[0]
         rows = max(first.rows, 1)
         logs = {"train/loss": obj.loss.detach(),

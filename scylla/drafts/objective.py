@@ -9,6 +9,9 @@ distribution there, over the draft vocabulary. Rows count where the loss mask of
   by default).
 - ``eagle3``: ``sum_k ttt_decay**k * CE_k`` (EAGLE-3 drops the feature regression: its hidden
   state is not in the target's feature space). ``w_hidden`` / ``w_logits`` do not apply.
+- ``top_k`` > 0 (HASS's top-K distillation): CE sums ``-p_target log q_draft`` over the target's
+  K most likely tokens only, so the draft's probability mass is pushed onto the candidates
+  verification can accept, not spread to match the target's tail.
 
 The LM head over ~49k tokens dominates memory: logits are computed only on counted rows, and in
 chunks under activation checkpointing when they would exceed ``LOGIT_BUDGET`` elements.
@@ -61,11 +64,15 @@ class Objective:
 
 
 def _ce_rows(draft: DraftModel, hidden: torch.Tensor, feature: torch.Tensor,
-             weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weighted sum of CE(p_target, q_draft), weighted agreeing rows) for rows (M, H)."""
+             weight: torch.Tensor, top_k: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weighted sum of CE(p_target, q_draft), weighted agreeing rows) for rows (M, H); with
+    ``top_k`` the sum runs over the target's ``top_k`` most likely tokens only."""
     with torch.no_grad():
         target = draft.target_logits(feature).float()  # (M, Vd)
         p = torch.softmax(target, dim=-1)
+        if 0 < top_k < p.shape[-1]:
+            probs, ids = p.topk(top_k, dim=-1)
+            p = torch.zeros_like(p).scatter_(-1, ids, probs)
     logits = draft.readout(hidden).float()
     ce = -((p * torch.log_softmax(logits, dim=-1)).sum(-1) * weight).sum()
     agree = ((logits.detach().argmax(-1) == target.argmax(-1)).float() * weight).sum()
@@ -73,24 +80,25 @@ def _ce_rows(draft: DraftModel, hidden: torch.Tensor, feature: torch.Tensor,
 
 
 def soft_ce(draft: DraftModel, hidden: torch.Tensor, feature: torch.Tensor,
-            weight: torch.Tensor) -> tuple[torch.Tensor, int]:
+            weight: torch.Tensor, top_k: int = 0) -> tuple[torch.Tensor, int]:
     rows = max(ROW_MULTIPLE, LOGIT_BUDGET // draft.spec.vocab_size // ROW_MULTIPLE
                * ROW_MULTIPLE)
     if hidden.shape[0] <= rows or not torch.is_grad_enabled():
-        ce, agree = _ce_rows(draft, hidden, feature, weight)
+        ce, agree = _ce_rows(draft, hidden, feature, weight, top_k)
         return ce, int(agree)
     ce, agree = hidden.new_zeros(()), 0
     for h, f, w in zip(hidden.split(rows), feature.split(rows), weight.split(rows)):
-        c, a = checkpoint(_ce_rows, draft, h, f, w, use_reentrant=False)
+        c, a = checkpoint(_ce_rows, draft, h, f, w, top_k, use_reentrant=False)
         ce, agree = ce + c, agree + int(a)
     return ce, agree
 
 
 def objective(draft: DraftModel, hiddens: list[torch.Tensor], last_hidden: torch.Tensor,
               loss_mask: torch.Tensor, w_hidden: float, w_logits: float,
-              ttt_decay: float) -> Objective:
+              ttt_decay: float, top_k: int = 0) -> Objective:
     """Loss and per-step sums for unrolled ``hiddens`` (each (B, n, H)); last_hidden (B, T, H)
-    the target's post-norm features, loss_mask (B, T) (0 on padding)."""
+    the target's post-norm features, loss_mask (B, T) (0 on padding); ``top_k`` > 0 distils
+    the target's ``top_k`` most likely tokens only (HASS)."""
     n = hiddens[0].shape[1]
     loss = hiddens[0].new_zeros(())
     steps = []
@@ -101,7 +109,7 @@ def objective(draft: DraftModel, hiddens: list[torch.Tensor], last_hidden: torch
         idx, w = padded_rows(mask)
         h_rows = h.flatten(0, 1)[idx]  # (M, H), M a multiple of ROW_MULTIPLE
         f_rows = feature.flatten(0, 1)[idx]
-        ce, agree = soft_ce(draft, h_rows, f_rows, w)
+        ce, agree = soft_ce(draft, h_rows, f_rows, w, top_k)
         weight = ttt_decay ** k / max(rows, 1)
         if draft.kind == "eagle3":
             hid = h.new_zeros(())

@@ -23,6 +23,8 @@ class DraftSpec:
     # HF hidden_states indices the draft consumes; () = the target's post-norm last_hidden
     feature_layers: tuple[int, ...] = ()
     draft_vocab_size: int = 0  # 0: the target's full vocabulary
+    # scylla: "target" reads out with the target's frozen rows, "trained" with its own copy
+    head: str = "target"
     extra: dict[str, Any] = field(default_factory=dict)  # provenance (training params, data)
 
     @property
@@ -34,7 +36,8 @@ class DraftSpec:
                 "target": dataclasses.asdict(self.target),
                 "layer_config": dataclasses.asdict(self.layer_config),
                 "feature_layers": list(self.feature_layers),
-                "draft_vocab_size": self.draft_vocab_size, "extra": self.extra}
+                "draft_vocab_size": self.draft_vocab_size, "head": self.head,
+                "extra": self.extra}
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "DraftSpec":
@@ -42,7 +45,9 @@ class DraftSpec:
                    target=TargetInfo(**obj["target"]),
                    layer_config=ModelConfig(**obj["layer_config"]),
                    feature_layers=tuple(obj["feature_layers"]),
-                   draft_vocab_size=int(obj["draft_vocab_size"]), extra=obj.get("extra", {}))
+                   draft_vocab_size=int(obj["draft_vocab_size"]),
+                   head=obj.get("head", "target"),  # drafts saved before the field existed
+                   extra=obj.get("extra", {}))
 
     def check_target(self, target: Any, where: str = "draft") -> None:
         """Raise DraftMismatchError unless ``target`` is the one this draft was built for."""

@@ -222,7 +222,8 @@ def vocab_map(train: SequenceSource, draft_cfg: DraftConfig, cfg: TrainConfig,
 def new_draft(target: Any, draft_cfg: DraftConfig, cfg: TrainConfig,
               d2t: torch.Tensor | None) -> DraftModel:
     spec = draft_spec(draft_cfg.kind, draft_cfg.draft_n_layer, target,
-                      draft_cfg.draft_vocab_size, draft_cfg.feature_layers)
+                      draft_cfg.draft_vocab_size, draft_cfg.feature_layers,
+                      head=draft_cfg.head)
     torch.manual_seed(cfg.seed)  # the draft's initial weights are a function of the seed
     draft = instantiate(spec, target, d2t).float()
     draft.init_for_training()
@@ -235,8 +236,9 @@ def check_continuable(spec: DraftSpec, where: str, target: Any, draft_cfg: Draft
     order or with a pretraining stage (ConfigError naming the field)."""
     spec.check_target(target, where=where)
     want = draft_spec(draft_cfg.kind, draft_cfg.draft_n_layer, target,
-                      draft_cfg.draft_vocab_size, draft_cfg.feature_layers)
-    for name in ("kind", "draft_n_layer", "draft_vocab_size", "feature_layers"):
+                      draft_cfg.draft_vocab_size, draft_cfg.feature_layers,
+                      head=draft_cfg.head)
+    for name in ("kind", "draft_n_layer", "draft_vocab_size", "feature_layers", "head"):
         if getattr(spec, name) != getattr(want, name):
             raise ConfigError(f"{where} is a draft with {name}={getattr(spec, name)!r}; it "
                               f"cannot continue as DraftConfig.{name}={getattr(want, name)!r}")
