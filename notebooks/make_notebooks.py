@@ -195,12 +195,13 @@ def notebooks() -> dict[str, list]:
             md("## τ and speed\nTree decoding per draft and batch size (baselines sweep)."),
             code('tables["speed"]'),
             md("## Draft recipes\nHand-run draft trainings in the `scylla` experiment that "
-               "differ only in how they train (issue 21's ablations): 300,000 tokens of the "
-               "target's own answers each, every one validated on the same target-written "
-               "text and decoded on the same 40 Spec-Bench prompts × 128 tokens (`scylla bench "
+               "differ only in how they train (issue 21's ablations): each on the target's own "
+               "answers, validated on the same target-written text and decoded on the same 40 "
+               "Spec-Bench prompts × 128 tokens (`scylla bench "
                "--methods plain,chain,tree`). A recipe is named by its settings that differ "
-               "from the most common ones. Change `RECIPES` to compare other runs."),
-            code('RECIPES = "params.answers = \'target\' and params.train_tokens = \'300000\'"\n'
+               "from the most common ones (`base`: none differ). Change `RECIPES` to compare "
+               "other runs."),
+            code('RECIPES = "params.answers = \'target\'"\n'
                  'train = sa.load_runs("scylla", stage="train", filter_string=RECIPES,\n'
                  '                     tags={"draft": "draft_dir"})\n'
                  'decode = sa.load_runs("scylla", stage="decode", filter_string=(\n'
@@ -209,7 +210,7 @@ def notebooks() -> dict[str, list]:
                  "recipes = sa.recipe_table(train, decode)\n"
                  'print(f"{len(recipes)} recipe runs") if recipes.empty else '
                  "sa.plot_recipes(recipes);"),
-            code("recipes.round(3)"),
+            code('print("base:", recipes.attrs.get("base", ""))\nrecipes.round(3)'),
             md("## Headline\nThe summary the README shows (also saved as `headline.md`)."),
             code("display(Markdown(sa.headline_markdown(tables)))\n"
                  "sa.save_headline(tables, POINTS_DIR)"),

@@ -39,18 +39,16 @@ def _recipe_settings(train: pd.DataFrame) -> pd.DataFrame:
     return settings
 
 
-def recipe_labels(train: pd.DataFrame) -> pd.Series:
-    """Each run's recipe: ``name=value`` of its settings that differ from the most common
-    value among the runs (``base (...)``: a run with every common value, which are listed)."""
+def recipe_labels(train: pd.DataFrame) -> tuple[pd.Series, str]:
+    """Each run's recipe, ``name=value`` of its settings that differ from the most common value
+    among the runs (``base`` for a run with every common value), and the base's settings."""
     settings = _recipe_settings(train).map(_short)
     varying = [c for c in settings.columns if settings[c].nunique() > 1]
-    if not varying:
-        return pd.Series("(one recipe)", index=train.index)
     common = {c: settings[c].mode().iloc[0] for c in varying}
-    base = "base (" + ", ".join(f"{k}={v}" for k, v in common.items()) + ")"
-    return settings[varying].apply(
-        lambda row: ", ".join(f"{k}={v}" for k, v in row.items() if v != common[k])
-        or base, axis=1)
+    labels = settings[varying].apply(
+        lambda row: ", ".join(f"{k}={v}" for k, v in row.items() if v != common[k]) or "base",
+        axis=1) if varying else pd.Series("base", index=train.index)
+    return labels, ", ".join(f"{k}={v}" for k, v in common.items())
 
 
 def _short(value: Any) -> str:
@@ -65,14 +63,16 @@ def _short(value: Any) -> str:
 def recipe_table(train: pd.DataFrame, decode: pd.DataFrame) -> pd.DataFrame:
     """One row per train run in ``train`` (``load_runs(..., stage="train",
     tags={"draft": "draft_dir"})``) with its decodes from ``decode`` (``stage="decode"``
-    runs; the newest per draft and method), sorted by tree τ, then val/tau_chain."""
+    runs; the newest per draft and method), sorted by tree τ, then val/tau_chain.
+    ``table.attrs["base"]`` lists the settings of the recipe called ``base``."""
     if train.empty:
         return pd.DataFrame(columns=["recipe", "run minutes", "val/tau_chain"])
     if "draft_dir" not in train.columns:
         raise ValueError("train runs need their draft tag: load_runs(..., "
                          "tags={'draft': 'draft_dir'})")
+    labels, base = recipe_labels(train)
     rows = pd.DataFrame({
-        "recipe": recipe_labels(train),
+        "recipe": labels,
         "train tokens": train.get("train_tokens"),
         "epochs": _recipe_settings(train)["epochs"],
         # the train run's own span: training and validation, not loading the target
@@ -91,8 +91,10 @@ def recipe_table(train: pd.DataFrame, decode: pd.DataFrame) -> pd.DataFrame:
                 values = runs.get(metric + part) if not runs.empty else None
                 rows[column + suffix] = (train["draft_dir"].map(values) if values is not None
                                          else np.nan)
-    return rows.sort_values(["tree τ", "val/tau_chain"], ascending=False,
-                            na_position="last").reset_index(drop=True)
+    table = rows.sort_values(["tree τ", "val/tau_chain"], ascending=False,
+                             na_position="last").reset_index(drop=True)
+    table.attrs["base"] = base  # the common settings that "base" stands for
+    return table
 
 
 def plot_recipes(table: pd.DataFrame) -> Any:
@@ -100,13 +102,13 @@ def plot_recipes(table: pd.DataFrame) -> Any:
     prompts (right)."""
     from scylla.analysis.plots import axes_figure
 
-    fig, (left, right) = axes_figure(2, width=6.5)
+    fig, (left, right) = axes_figure(2, width=5)
     labels = table["recipe"].tolist()
     y = np.arange(len(labels))
     left.barh(y, table["val/tau_chain"] - 1, left=1, color="tab:blue")
     left.set_yticks(y, labels)
     left.invert_yaxis()
-    left.set_xlabel("val/tau_chain (validation text)")
+    left.set_xlabel("val/tau_chain")
     for offset, (name, colour) in zip((-0.15, 0.15), (("chain τ", "tab:orange"),
                                                        ("tree τ", "tab:green"))):
         mid = table[name].astype(float)
@@ -115,7 +117,7 @@ def plot_recipes(table: pd.DataFrame) -> Any:
                        label=name, capsize=3)
     right.set_yticks(y, [""] * len(labels))
     right.invert_yaxis()
-    right.set_xlabel("Spec-Bench τ (95% CI over prompts)")
-    right.legend(loc="lower right")
+    right.set_xlabel("Spec-Bench τ, 95% CI over prompts")
+    right.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     return fig
