@@ -39,16 +39,25 @@ def _recipe_settings(train: pd.DataFrame) -> pd.DataFrame:
     return settings
 
 
-def recipe_labels(train: pd.DataFrame) -> tuple[pd.Series, str]:
-    """Each run's recipe, ``name=value`` of its settings that differ from the most common value
-    among the runs (``base`` for a run with every common value), and the base's settings."""
-    settings = _recipe_settings(train).map(_short)
+def _labels(settings: pd.DataFrame) -> tuple[pd.Series, str]:
+    """Each run's recipe, ``name=value`` of its settings (``_recipe_settings``) that differ from
+    the most common value among the runs (``base`` for a run with every common value), and the
+    base's settings."""
+    settings = settings.map(_short)
     varying = [c for c in settings.columns if settings[c].nunique() > 1]
     common = {c: settings[c].mode().iloc[0] for c in varying}
     labels = settings[varying].apply(
         lambda row: ", ".join(f"{k}={v}" for k, v in row.items() if v != common[k]) or "base",
-        axis=1) if varying else pd.Series("base", index=train.index)
+        axis=1) if varying else pd.Series("base", index=settings.index)
     return labels, ", ".join(f"{k}={v}" for k, v in common.items())
+
+
+def _newest(decode: pd.DataFrame, method: str) -> pd.DataFrame:
+    """The newest ``method`` decode run of each draft, indexed by the ``draft`` param."""
+    if decode.empty or "method" not in decode:
+        return pd.DataFrame()
+    runs = decode[decode["method"] == method]
+    return runs.sort_values("start_time").groupby("draft").last()
 
 
 def _short(value: Any) -> str:
@@ -70,11 +79,12 @@ def recipe_table(train: pd.DataFrame, decode: pd.DataFrame) -> pd.DataFrame:
     if "draft_dir" not in train.columns:
         raise ValueError("train runs need their draft tag: load_runs(..., "
                          "tags={'draft': 'draft_dir'})")
-    labels, base = recipe_labels(train)
+    settings = _recipe_settings(train)
+    labels, base = _labels(settings)
     rows = pd.DataFrame({
         "recipe": labels,
         "train tokens": train.get("train_tokens"),
-        "epochs": _recipe_settings(train)["epochs"],
+        "epochs": settings["epochs"],
         # the train run's own span: training and validation, not loading the target
         "run minutes": (train["end_time"] - train["start_time"]).dt.total_seconds() / 60,
         "train tokens/s": train.get("train/tokens_per_s"),
@@ -82,15 +92,12 @@ def recipe_table(train: pd.DataFrame, decode: pd.DataFrame) -> pd.DataFrame:
         "val/tau_chain": train.get("val/tau_chain"),
     })
     for method, columns in DECODED.items():
-        runs = decode[decode.get("method", pd.Series(dtype=str)) == method] \
-            if not decode.empty else decode
-        runs = runs.sort_values("start_time").groupby("draft").last() if not runs.empty \
-            else pd.DataFrame()
+        runs = _newest(decode, method)
         for column, metric in columns:
             for suffix, part in (("", ""), (" low", "_ci_low"), (" high", "_ci_high")):
-                values = runs.get(metric + part) if not runs.empty else None
-                rows[column + suffix] = (train["draft_dir"].map(values) if values is not None
-                                         else np.nan)
+                values = runs.get(metric + part)
+                rows[column + suffix] = (np.nan if values is None
+                                         else train["draft_dir"].map(values))
     table = rows.sort_values(["tree τ", "val/tau_chain"], ascending=False,
                              na_position="last").reset_index(drop=True)
     table.attrs["base"] = base  # the common settings that "base" stands for

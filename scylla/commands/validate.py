@@ -56,14 +56,12 @@ def drafts_to_validate(args: argparse.Namespace, done_metric: str
     draft the flags name."""
     out: list[tuple[str, str | None, bool]] = [(d, None, False) for d in args.draft]
     if args.experiment:
-        runs = load_runs(args.experiment, stage="train")
+        runs = load_runs(args.experiment, stage="train", tags={"draft": "draft_dir"})
         if runs.empty:
             raise ConfigError(f"--experiment {args.experiment!r}: no finished train run")
         done = runs[done_metric].notna() if done_metric in runs else [False] * len(runs)
-        client = mlflow_client_ready().MlflowClient()
-        for run_id, was_done in zip(runs["run_id"], done):
-            path = client.get_run(run_id).data.tags.get("draft")
-            if path is None:
+        for run_id, path, was_done in zip(runs["run_id"], runs["draft_dir"], done):
+            if not isinstance(path, str):
                 raise DataError(f"train run {run_id} of {args.experiment} names no draft")
             out.append((path, run_id, bool(was_done)))
     if not out:
