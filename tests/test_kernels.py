@@ -176,3 +176,63 @@ def test_every_run_names_its_cpu_and_the_vector_isa_torch_uses_on_it():
     isa = torch.backends.cpu.get_cpu_capability()
     assert kernels.cpu_model().endswith(f"({isa})")
     assert kernels.cpu_model() in machine.description()
+
+
+def gguf_like(out_f: int, in_f: int, kind: str, gen: torch.Generator) -> torch.Tensor:
+    """An fp32 weight as a GGUF-quantised target's dequantised one: per block of 32 weights of
+    a row, fp16 scale d times q (Q8_0: int8 q) or plus an fp16 minimum m (Q4_1: q in 0..15)."""
+    blocks = (out_f, in_f // 32)
+    d = (torch.rand(*blocks, generator=gen) * 0.02).half().float()
+    if kind == "scaled8":
+        q = torch.randint(-127, 128, (*blocks, 32), generator=gen).float()
+        q[..., 0] = 127  # the block's largest magnitude, as llama.cpp scales it
+        return (d[..., None] * q).view(out_f, in_f)
+    m = (torch.randn(*blocks, generator=gen) * 0.05).half().float()
+    q = torch.randint(0, 16, (*blocks, 32), generator=gen).float()
+    q[..., 0], q[..., 1] = 0, 15  # the block's minimum and maximum
+    return (d[..., None] * q + m[..., None]).view(out_f, in_f)
+
+
+@pytest.mark.skipif(not kernels.HAVE_AVX2, reason="the CPU kernels need AVX2")
+@pytest.mark.parametrize("kind", ["affine4", "scaled8"])
+@pytest.mark.parametrize("shape", [(64, 96), (576, 960), (1536, 576)])
+def test_compact_weights_multiply_bit_for_bit_as_their_fp32_values(kind, shape):
+    """A GGUF target's layers (Q4_1) and embedding (Q8_0) stream as 4- and 8-bit integers with
+    per-block scales, rebuilt exactly: every row count's products equal the fp32 weight's bit for
+    bit, row by row, so plain decoding and verification stay exact while reading 4-6x fewer
+    bytes."""
+    if not kernels.rows_available():
+        pytest.skip("the CPU kernels did not build")
+    in_f, out_f = shape
+    gen = torch.Generator().manual_seed(7)
+    lin = Linear(in_f, out_f, bias=True)
+    with torch.no_grad():
+        lin.weight.copy_(gguf_like(out_f, in_f, kind, gen))
+    c = kernels.compact(lin.weight)
+    assert c is not None and (c.m is None) == (kind == "scaled8")
+    assert c.nbytes * (3 if kind == "scaled8" else 5) < lin.weight.numel() * 4
+    x = torch.randn(40, in_f, generator=gen)
+    with torch.inference_mode():
+        with kernels.use_path("rows"):  # the fp32 weight itself
+            dense = lin(x)
+        with kernels.use_path("compact"):
+            alone = torch.cat([lin(x[r:r + 1]) for r in range(40)])
+            for rows in ROWS:
+                assert torch.equal(lin(x[:rows]).view(torch.int32),
+                                   dense[:rows].view(torch.int32)), rows
+                assert torch.equal(lin(x[:rows]), alone[:rows]), rows
+    assert kernels.streamed_bytes(lin.weight, lin._copies) == c.nbytes
+    with kernels.use_path("rows"):
+        assert kernels.streamed_bytes(lin.weight, lin._copies) == lin.weight.numel() * 4
+
+
+def test_weights_without_an_exact_compact_form_keep_their_fp32_bytes():
+    gen = torch.Generator().manual_seed(8)
+    assert kernels.compact(torch.randn(64, 96, generator=gen)) is None  # a trained weight
+    assert kernels.compact(gguf_like(64, 96, "affine4", gen)[:, :80]) is None  # K % 32 != 0
+    w = gguf_like(4200, 64, "affine4", gen)  # more rows than one examined chunk
+    assert kernels.compact(w) is not None
+    w[4100, 3] += 1e-3  # one weight off the grid, past the first chunk
+    assert kernels.compact(w) is None
+    lin = Linear(96, 64)
+    assert kernels.streamed_bytes(lin.weight, lin._copies) == 64 * 96 * 4

@@ -142,17 +142,46 @@ def test_tree_append_equals_each_path_alone():
             torch.testing.assert_close(out[b, path], alone, atol=ATOL, rtol=0)
 
 
+def gguf_grid(model: LlamaFamilyModel) -> LlamaFamilyModel:
+    """The model's weights rounded as a GGUF file stores them (llama.cpp's rules): Q8_0 for the
+    embedding (w = d * q, int8 q), Q4_1 for the layers (w = d * q + m, q in 0..15), fp16 d and m
+    per 32 weights of a row; dequantised to fp32 as a converted GGUF target is."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() != 2:
+                continue
+            b = p.view(p.shape[0], -1, 32)
+            if "embed" in name or "lm_head" in name:
+                d = (b.abs().amax(-1, keepdim=True) / 127).half().float()
+                p.copy_((d * torch.round(b / d).clamp(-127, 127)).view_as(p))
+            else:
+                m = b.amin(-1, keepdim=True).half().float()
+                d = ((b.amax(-1, keepdim=True) - m) / 15).half().float()
+                p.copy_((d * torch.round((b - m) / d).clamp(0, 15) + m).view_as(p))
+    return model
+
+
 @pytest.mark.skipif(not kernels.HAVE_AVX2, reason="the CPU kernels need AVX2")
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind, weights", [("llama", "fp32"), ("qwen2", "fp32"),
+                                           ("llama", "gguf")])
 @torch.inference_mode()
-def test_a_tree_verify_forward_computes_each_path_as_plain_decoding_does_bit_for_bit(kind):
+def test_a_tree_verify_forward_computes_each_path_as_plain_decoding_does_bit_for_bit(kind,
+                                                                                   weights):
     """fp32 CPU: the rows GEMM, the fused norm and the decode-step attention compute every row
     alone, so verification's logits are plain decoding's, not merely close (T=0 exactness does
-    not rest on argmax gaps)."""
+    not rest on argmax gaps). A GGUF-quantised target's weights stream in their compact form."""
     if not kernels.rows_available():
         pytest.skip("the CPU kernels did not build")
     gen = torch.Generator().manual_seed(5)
     model = ours_of(tiny_hf(kind, "default"))
+    if weights == "gguf":
+        gguf_grid(model)
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        assert all(kernels.compact(m.weight) is not None for m in linears)
+        ids = torch.randint(0, 256, (2, 12), generator=gen)
+        streamed = model(ids).logits
+        with kernels.use_path("rows"):  # the fp32 weights themselves: the same bits
+            assert torch.equal(model(ids).logits, streamed)
     prefix_lens = torch.tensor([9, 6])
     prompts, parents, tokens, _, out = append_random_trees(model, gen, prefix_lens, 10)
     for b in range(2):

@@ -15,6 +15,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from scylla.modeling import kernels
+
 STREAM_BYTES = 256 << 20  # 8x a 32 MiB L3: the sum streams from DRAM
 GEMM_SIZE = 2048  # fp32 square matmul: 17 GFLOP, past the sizes where MKL is still ramping up
 
@@ -79,19 +81,30 @@ def _matmul_weights(model: nn.Module) -> list[torch.Tensor]:
     return list(seen.values())
 
 
+def _streamed(model: nn.Module) -> dict[int, int]:
+    """Bytes per forward of each distinct linear weight: its compact exact form's where the CPU
+    kernels multiply by that (``kernels.streamed_bytes``), else its own."""
+    out: dict[int, int] = {}
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        if isinstance(module, nn.Linear) and w is not None and w.data_ptr() not in out:
+            out[w.data_ptr()] = kernels.streamed_bytes(w, getattr(module, "_copies", None))
+    return out
+
+
 def forward_bytes(model: nn.Module, k: int, context: int) -> int:
     """Bytes a k-token forward on a ``context``-token cache (batch 1) must move: every linear
-    weight, norm weight and bias once, k embedding rows, and each layer's keys and values for
-    context + k positions read (k of them written)."""
+    weight (as the kernels store it), norm weight and bias once, k embedding rows, and each
+    layer's keys and values for context + k positions read (k of them written)."""
     params = {p.data_ptr(): p for p in model.parameters()}
     embed = model.embed_tokens.weight
-    linear = {w.data_ptr() for w in _matmul_weights(model)}
+    linear = _streamed(model)
     total = 0
     for ptr, p in params.items():
         if ptr == embed.data_ptr() and ptr not in linear:
             total += k * p.shape[1] * p.element_size()  # only the looked-up rows
         else:
-            total += p.numel() * p.element_size()
+            total += linear.get(ptr, p.numel() * p.element_size())
     c = model.config
     kv_row = 2 * c.num_key_value_heads * c.head_dim * model.dtype.itemsize  # K and V, 1 layer
     total += c.num_hidden_layers * kv_row * (context + 2 * k)  # read context + k, write k

@@ -24,6 +24,7 @@
 #include <sleef.h>
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 static inline float hsum(__m256 v) {
@@ -34,20 +35,77 @@ static inline float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, sh));
 }
 
-template <int O, int R>
-static inline void block(const float* w, const float* x, int64_t K, float* y, int64_t N) {
+// Weight rows as the GEMM reads them: ``get(i, k)`` is weights k..k+7 of row i (of the rows
+// from ``at(o)`` on) in fp32, ``scalar`` one weight, ``prefetch`` fetches 16 KB ahead of (i, k)
+// once per cache line.
+struct DenseRows {  // fp32 (N, K)
+  const float* w;
+  int64_t K;
+  DenseRows at(int64_t o) const { return {w + o * K, K}; }
+  __m256 get(int i, int64_t k) const { return _mm256_loadu_ps(w + i * K + k); }
+  float scalar(int i, int64_t k) const { return w[i * K + k]; }
+  void prefetch(int i, int64_t k) const {
+    if ((k & 15) == 0) _mm_prefetch((const char*)(w + i * K + k + 4096), _MM_HINT_T0);
+  }
+};
+
+// The compact exact forms (kernels.compact): weights stored as small integers q and per-32
+// scales d (and offsets m) with w = d * q (+ m) exactly. d is an fp16 value and |q| < 2^8, so
+// d * q is exact in fp32 and the FMA below rounds once, as the stored fp32 weight was: the
+// weights the products see are the fp32 weights bit for bit, with 4-6x fewer bytes to stream.
+struct Affine4Rows {  // q: 4 bits, byte j of each 16 weights holds weight j (low) and j + 8
+  const uint8_t* q;
+  const float* d;
+  const float* m;
+  int64_t K;
+  Affine4Rows at(int64_t o) const { return {q + o * (K / 2), d + o * (K / 32), m + o * (K / 32), K}; }
+  __m256 get(int i, int64_t k) const {
+    __m128i b = _mm_loadl_epi64((const __m128i*)(q + i * (K / 2) + (k >> 4) * 8));
+    b = _mm_and_si128(_mm_srl_epi16(b, _mm_cvtsi32_si128((k & 8) >> 1)), _mm_set1_epi8(0x0f));
+    const int64_t s = i * (K / 32) + (k >> 5);
+    return _mm256_fmadd_ps(_mm256_set1_ps(d[s]), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)),
+                           _mm256_set1_ps(m[s]));
+  }
+  float scalar(int i, int64_t k) const {
+    const uint8_t b = q[i * (K / 2) + (k >> 4) * 8 + (k & 7)];
+    const int64_t s = i * (K / 32) + (k >> 5);
+    return std::fma(d[s], static_cast<float>((k & 8) ? b >> 4 : b & 15), m[s]);
+  }
+  void prefetch(int i, int64_t k) const {
+    if ((k & 127) == 0) _mm_prefetch((const char*)(q + i * (K / 2) + k / 2 + 16384), _MM_HINT_T0);
+  }
+};
+
+struct Scaled8Rows {  // q: int8
+  const int8_t* q;
+  const float* d;
+  int64_t K;
+  Scaled8Rows at(int64_t o) const { return {q + o * K, d + o * (K / 32), K}; }
+  __m256 get(int i, int64_t k) const {
+    const __m128i b = _mm_loadl_epi64((const __m128i*)(q + i * K + k));
+    return _mm256_mul_ps(_mm256_set1_ps(d[i * (K / 32) + (k >> 5)]),
+                         _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)));
+  }
+  float scalar(int i, int64_t k) const { return d[i * (K / 32) + (k >> 5)] * q[i * K + k]; }
+  void prefetch(int i, int64_t k) const {
+    if ((k & 63) == 0) _mm_prefetch((const char*)(q + i * K + k + 16384), _MM_HINT_T0);
+  }
+};
+
+template <int O, int R, class W>
+static inline void block(const W& w, const float* x, int64_t K, float* y, int64_t N) {
   __m256 a[O][R];
   for (int i = 0; i < O; ++i)
     for (int r = 0; r < R; ++r) a[i][r] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 8 <= K; k += 8) {
     __m256 wv[O];
-    for (int i = 0; i < O; ++i) wv[i] = _mm256_loadu_ps(w + i * K + k);
+    for (int i = 0; i < O; ++i) wv[i] = w.get(i, k);
     // with 2+ input rows the FMAs no longer hide the weight stream: fetch 16 KB ahead, once
     // per cache line (EPYC, 121 SmolLM2 linears: M = 4 ~50 -> ~38 ms, M = 8 ~62 -> ~49 ms;
     // no gain at M = 1, where it cost a few ms)
-    if (R > 1 && (k & 15) == 0)
-      for (int i = 0; i < O; ++i) _mm_prefetch((const char*)(w + i * K + k + 4096), _MM_HINT_T0);
+    if (R > 1)
+      for (int i = 0; i < O; ++i) w.prefetch(i, k);
     for (int r = 0; r < R; ++r) {
       __m256 xv = _mm256_loadu_ps(x + r * K + k);
       for (int i = 0; i < O; ++i) a[i][r] = _mm256_fmadd_ps(wv[i], xv, a[i][r]);
@@ -56,36 +114,67 @@ static inline void block(const float* w, const float* x, int64_t K, float* y, in
   for (int i = 0; i < O; ++i)
     for (int r = 0; r < R; ++r) {
       float s = hsum(a[i][r]);
-      for (int64_t t = k; t < K; ++t) s = std::fma(w[i * K + t], x[r * K + t], s);
+      for (int64_t t = k; t < K; ++t) s = std::fma(w.scalar(i, t), x[r * K + t], s);
       y[r * N + i] = s;
     }
 }
 
 // O weight rows against all M input rows, R at a time
-template <int O, int R>
-static inline void rows(const float* w, const float* x, int64_t M, int64_t K, float* y,
+template <int O, int R, class W>
+static inline void rows(const W& w, const float* x, int64_t M, int64_t K, float* y,
                         int64_t N) {
   int64_t m = 0;
   for (; m + R <= M; m += R) block<O, R>(w, x + m * K, K, y + m * N, N);
-  switch (M - m) {
-    case 3: block<O, 3>(w, x + m * K, K, y + m * N, N); break;
-    case 2: block<O, 2>(w, x + m * K, K, y + m * N, N); break;
-    case 1: block<O, 1>(w, x + m * K, K, y + m * N, N); break;
-  }
+  // the rest: fewer than R rows (only the shapes some R leaves are instantiated)
+  const int64_t rest = M - m;
+  if constexpr (R > 7) if (rest == 7) block<O, 7>(w, x + m * K, K, y + m * N, N);
+  if constexpr (R > 6) if (rest == 6) block<O, 6>(w, x + m * K, K, y + m * N, N);
+  if constexpr (R > 5) if (rest == 5) block<O, 5>(w, x + m * K, K, y + m * N, N);
+  if constexpr (R > 4) if (rest == 4) block<O, 4>(w, x + m * K, K, y + m * N, N);
+  if constexpr (R > 3) if (rest == 3) block<O, 3>(w, x + m * K, K, y + m * N, N);
+  if constexpr (R > 2) if (rest == 2) block<O, 2>(w, x + m * K, K, y + m * N, N);
+  if constexpr (R > 1) if (rest == 1) block<O, 1>(w, x + m * K, K, y + m * N, N);
 }
 
-template <int O, int R>
-static void run(const float* w, const float* x, int64_t M, int64_t K, float* y, int64_t N) {
+template <int O, int R, class W>
+static void run(const W& w, const float* x, int64_t M, int64_t K, float* y, int64_t N) {
   const int64_t groups = N / O;
   at::parallel_for(0, groups + 1, 8, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       if (p < groups) {
-        rows<O, R>(w + p * O * K, x, M, K, y + p * O, N);
+        rows<O, R>(w.at(p * O), x, M, K, y + p * O, N);
       } else {
-        for (int64_t o = groups * O; o < N; ++o) rows<1, R>(w + o * K, x, M, K, y + o, N);
+        for (int64_t o = groups * O; o < N; ++o) rows<1, R>(w.at(o), x, M, K, y + o, N);
       }
     }
   });
+}
+
+// y = x @ w.T for weight rows of any kind. fp32 rows: block shapes with 8-12 accumulators in
+// flight (measured on the 2-core EPYC). Compact rows are rebuilt once per block of input rows,
+// so more rows share each rebuilt weight (the 120 SmolLM2 layer linears, AVX-512 Xeon, ms:
+// M = 6: R = 6 15.7 against R = 4 19.5; M = 8: R = 8 18.1 against R = 4 21.6)
+template <class W>
+static torch::Tensor product(torch::Tensor x, const W& w, int64_t N) {
+  x = x.contiguous();
+  const int64_t M = x.size(0), K = x.size(1);
+  auto y = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  if constexpr (std::is_same_v<W, DenseRows>) {
+    if (M == 1) run<8, 1>(w, xp, M, K, yp, N);
+    else if (M == 2) run<6, 2>(w, xp, M, K, yp, N);
+    else if (M == 3) run<4, 3>(w, xp, M, K, yp, N);
+    else run<3, 4>(w, xp, M, K, yp, N);
+  } else {
+    if (M == 1) run<4, 1>(w, xp, M, K, yp, N);
+    else if (M == 2) run<6, 2>(w, xp, M, K, yp, N);
+    else if (M == 3) run<4, 3>(w, xp, M, K, yp, N);
+    else if (M == 4) run<3, 4>(w, xp, M, K, yp, N);
+    else if (M <= 6) run<2, 6>(w, xp, M, K, yp, N);
+    else run<1, 8>(w, xp, M, K, yp, N);
+  }
+  return y;
 }
 
 // sum of squares of x[0, n): 8-lane FMA accumulator, the fixed horizontal sum, a scalar tail
@@ -262,17 +351,32 @@ torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::T
 torch::Tensor rows_linear(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && w.dtype() == torch::kFloat32, "fp32 only");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "x (M, K), w (N, K)");
-  x = x.contiguous();
   w = w.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  auto y = torch::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  // block shapes with 8-12 accumulators in flight (measured on the 2-core EPYC)
-  if (M == 1) run<8, 1>(wp, xp, M, K, yp, N);
-  else if (M == 2) run<6, 2>(wp, xp, M, K, yp, N);
-  else if (M == 3) run<4, 3>(wp, xp, M, K, yp, N);
-  else run<3, 4>(wp, xp, M, K, yp, N);
-  return y;
+  return product(x, DenseRows{w.data_ptr<float>(), w.size(1)}, w.size(0));
+}
+
+// the compact forms: q (N, K / 2) uint8 or (N, K) int8, d and m (N, K / 32) fp32, K % 32 == 0
+static void check_compact(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& d,
+                          int64_t K) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && d.dtype() == torch::kFloat32, "fp32 only");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && K % 32 == 0, "x (M, K), K a multiple of 32");
+  TORCH_CHECK(q.is_contiguous() && d.is_contiguous() && d.size(0) == q.size(0) &&
+              d.size(1) == K / 32, "q, d: contiguous (N, .), d (N, K / 32)");
+}
+
+torch::Tensor affine4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor d,
+                             torch::Tensor m) {
+  const int64_t K = q.size(1) * 2;
+  check_compact(x, q, d, K);
+  TORCH_CHECK(q.dtype() == torch::kUInt8 && m.sizes() == d.sizes() && m.is_contiguous() &&
+              m.dtype() == torch::kFloat32, "affine4: q uint8 (N, K / 2), m like d");
+  return product(x, Affine4Rows{q.data_ptr<uint8_t>(), d.data_ptr<float>(), m.data_ptr<float>(), K},
+                 q.size(0));
+}
+
+torch::Tensor scaled8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor d) {
+  const int64_t K = q.size(1);
+  check_compact(x, q, d, K);
+  TORCH_CHECK(q.dtype() == torch::kInt8, "scaled8: q int8 (N, K)");
+  return product(x, Scaled8Rows{q.data_ptr<int8_t>(), d.data_ptr<float>(), K}, q.size(0));
 }
