@@ -1,5 +1,6 @@
-// CPU inference kernels of scylla.modeling.kernels (fp32, AVX2 + FMA), each computing every
-// row of its output by the same operations whatever the row count:
+// CPU inference kernels of scylla.modeling.kernels (fp32, AVX2 + FMA; the GEMM also in 16-lane
+// AVX-512), each computing every row of its output by the same operations whatever the row
+// count:
 //
 // rows_linear: the ``rows`` GEMM path, y = x @ w.T for x (M, K) and w (N, K), both row-major,
 // parallel over weight rows with ATen's thread pool.
@@ -11,9 +12,10 @@
 // ~60-150 us per call for 3 rows).
 //
 // Every output y[m][o] is computed by the same sequence of operations whatever M is and
-// however rows are blocked: one 8-lane FMA accumulator over k in steps of 8, a fixed horizontal
-// sum, then scalar FMAs over the k % 8 tail. So row m of an M-row product is bit-identical to
-// that row's 1-row product (plain decoding and a verify forward compute their linears alike).
+// however rows are blocked: one FMA accumulator of LANES lanes (8; 16 in the AVX-512 build) over
+// k in steps of LANES, a fixed horizontal sum, then scalar FMAs over the k % LANES tail. So row
+// m of an M-row product is bit-identical to that row's 1-row product (plain decoding and a
+// verify forward compute their linears alike).
 //
 // Blocks of O weight rows x R input rows keep O * R independent accumulators in flight (FMA
 // latency, not loads, limited the first version on the 2-core EPYC); each weight row is read
@@ -35,14 +37,45 @@ static inline float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, sh));
 }
 
-// Weight rows as the GEMM reads them: ``get(i, k)`` is weights k..k+7 of row i (of the rows
-// from ``at(o)`` on) in fp32, ``scalar`` one weight, ``prefetch`` fetches 16 KB ahead of (i, k)
-// once per cache line.
+// The GEMM's vector: 8 lanes (AVX2), or 16 in the build for AVX-512 CPUs (SCYLLA_AVX512, a
+// separate extension): its products round differently from the 8-lane build's, but every build
+// computes each output by one sequence of operations whatever M is.
+#ifdef SCYLLA_AVX512
+using vec = __m512;
+constexpr int LANES = 16;
+static inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+static inline vec vzero() { return _mm512_setzero_ps(); }
+static inline vec vset(float x) { return _mm512_set1_ps(x); }
+static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+static inline vec vint(__m128i bytes, bool sign) {  // 16 bytes as 16 floats
+  return _mm512_cvtepi32_ps(sign ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes));
+}
+static inline float vsum(vec v) {  // a fixed order: the halves added, then hsum's
+  return hsum(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)));
+}
+#else
+using vec = __m256;
+constexpr int LANES = 8;
+static inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline vec vzero() { return _mm256_setzero_ps(); }
+static inline vec vset(float x) { return _mm256_set1_ps(x); }
+static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+static inline vec vint(__m128i bytes, bool sign) {  // the low 8 bytes as 8 floats
+  return _mm256_cvtepi32_ps(sign ? _mm256_cvtepi8_epi32(bytes) : _mm256_cvtepu8_epi32(bytes));
+}
+static inline float vsum(vec v) { return hsum(v); }
+#endif
+
+// Weight rows as the GEMM reads them: ``get(i, k)`` is weights k..k+LANES-1 of row i (of the
+// rows from ``at(o)`` on) in fp32, ``scalar`` one weight, ``prefetch`` fetches 16 KB ahead of
+// (i, k) once per cache line.
 struct DenseRows {  // fp32 (N, K)
   const float* w;
   int64_t K;
   DenseRows at(int64_t o) const { return {w + o * K, K}; }
-  __m256 get(int i, int64_t k) const { return _mm256_loadu_ps(w + i * K + k); }
+  vec get(int i, int64_t k) const { return vload(w + i * K + k); }
   float scalar(int i, int64_t k) const { return w[i * K + k]; }
   void prefetch(int i, int64_t k) const {
     if ((k & 15) == 0) _mm_prefetch((const char*)(w + i * K + k + 4096), _MM_HINT_T0);
@@ -59,12 +92,17 @@ struct Affine4Rows {  // q: 4 bits, byte j of each 16 weights holds weight j (lo
   const float* m;
   int64_t K;
   Affine4Rows at(int64_t o) const { return {q + o * (K / 2), d + o * (K / 32), m + o * (K / 32), K}; }
-  __m256 get(int i, int64_t k) const {
-    __m128i b = _mm_loadl_epi64((const __m128i*)(q + i * (K / 2) + (k >> 4) * 8));
-    b = _mm_and_si128(_mm_srl_epi16(b, _mm_cvtsi32_si128((k & 8) >> 1)), _mm_set1_epi8(0x0f));
+  vec get(int i, int64_t k) const {
+    const __m128i b = _mm_loadl_epi64((const __m128i*)(q + i * (K / 2) + (k >> 4) * 8));
+    const __m128i low = _mm_set1_epi8(0x0f);
+#ifdef SCYLLA_AVX512  // k % 16 == 0: weights k..k+7 (low nibbles), then k+8..k+15 (high)
+    const __m128i n = _mm_unpacklo_epi64(_mm_and_si128(b, low),
+                                         _mm_and_si128(_mm_srli_epi16(b, 4), low));
+#else
+    const __m128i n = _mm_and_si128(_mm_srl_epi16(b, _mm_cvtsi32_si128((k & 8) >> 1)), low);
+#endif
     const int64_t s = i * (K / 32) + (k >> 5);
-    return _mm256_fmadd_ps(_mm256_set1_ps(d[s]), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)),
-                           _mm256_set1_ps(m[s]));
+    return vfma(vset(d[s]), vint(n, false), vset(m[s]));
   }
   float scalar(int i, int64_t k) const {
     const uint8_t b = q[i * (K / 2) + (k >> 4) * 8 + (k & 7)];
@@ -81,10 +119,13 @@ struct Scaled8Rows {  // q: int8
   const float* d;
   int64_t K;
   Scaled8Rows at(int64_t o) const { return {q + o * K, d + o * (K / 32), K}; }
-  __m256 get(int i, int64_t k) const {
+  vec get(int i, int64_t k) const {
+#ifdef SCYLLA_AVX512
+    const __m128i b = _mm_loadu_si128((const __m128i*)(q + i * K + k));
+#else
     const __m128i b = _mm_loadl_epi64((const __m128i*)(q + i * K + k));
-    return _mm256_mul_ps(_mm256_set1_ps(d[i * (K / 32) + (k >> 5)]),
-                         _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)));
+#endif
+    return vmul(vset(d[i * (K / 32) + (k >> 5)]), vint(b, true));
   }
   float scalar(int i, int64_t k) const { return d[i * (K / 32) + (k >> 5)] * q[i * K + k]; }
   void prefetch(int i, int64_t k) const {
@@ -94,12 +135,12 @@ struct Scaled8Rows {  // q: int8
 
 template <int O, int R, class W>
 static inline void block(const W& w, const float* x, int64_t K, float* y, int64_t N) {
-  __m256 a[O][R];
+  vec a[O][R];
   for (int i = 0; i < O; ++i)
-    for (int r = 0; r < R; ++r) a[i][r] = _mm256_setzero_ps();
+    for (int r = 0; r < R; ++r) a[i][r] = vzero();
   int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
-    __m256 wv[O];
+  for (; k + LANES <= K; k += LANES) {
+    vec wv[O];
     for (int i = 0; i < O; ++i) wv[i] = w.get(i, k);
     // with 2+ input rows the FMAs no longer hide the weight stream: fetch 16 KB ahead, once
     // per cache line (EPYC, 121 SmolLM2 linears: M = 4 ~50 -> ~38 ms, M = 8 ~62 -> ~49 ms;
@@ -107,13 +148,13 @@ static inline void block(const W& w, const float* x, int64_t K, float* y, int64_
     if (R > 1)
       for (int i = 0; i < O; ++i) w.prefetch(i, k);
     for (int r = 0; r < R; ++r) {
-      __m256 xv = _mm256_loadu_ps(x + r * K + k);
-      for (int i = 0; i < O; ++i) a[i][r] = _mm256_fmadd_ps(wv[i], xv, a[i][r]);
+      const vec xv = vload(x + r * K + k);
+      for (int i = 0; i < O; ++i) a[i][r] = vfma(wv[i], xv, a[i][r]);
     }
   }
   for (int i = 0; i < O; ++i)
     for (int r = 0; r < R; ++r) {
-      float s = hsum(a[i][r]);
+      float s = vsum(a[i][r]);
       for (int64_t t = k; t < K; ++t) s = std::fma(w.scalar(i, t), x[r * K + t], s);
       y[r * N + i] = s;
     }
@@ -152,8 +193,10 @@ static void run(const W& w, const float* x, int64_t M, int64_t K, float* y, int6
 
 // y = x @ w.T for weight rows of any kind. fp32 rows: block shapes with 8-12 accumulators in
 // flight (measured on the 2-core EPYC). Compact rows are rebuilt once per block of input rows,
-// so more rows share each rebuilt weight (the 120 SmolLM2 layer linears, AVX-512 Xeon, ms:
-// M = 6: R = 6 15.7 against R = 4 19.5; M = 8: R = 8 18.1 against R = 4 21.6)
+// so more rows share each rebuilt weight (the 120 SmolLM2 layer linears, 2-core AVX-512 Xeon,
+// ms; 8 lanes: M = 6: R = 6 15.7 against R = 4 19.5, M = 8: R = 8 18.1 against R = 4 21.6;
+// 16 lanes, whose 32 registers hold more accumulators: M = 4: 4 x 4 9.5 against 3 x 4 10.4,
+// M = 8: 2 x 8 14.6 against 1 x 8 15.2)
 template <class W>
 static torch::Tensor product(torch::Tensor x, const W& w, int64_t N) {
   x = x.contiguous();
@@ -167,12 +210,13 @@ static torch::Tensor product(torch::Tensor x, const W& w, int64_t N) {
     else if (M == 3) run<4, 3>(w, xp, M, K, yp, N);
     else run<3, 4>(w, xp, M, K, yp, N);
   } else {
+    constexpr int wide = LANES == 16;
     if (M == 1) run<4, 1>(w, xp, M, K, yp, N);
     else if (M == 2) run<6, 2>(w, xp, M, K, yp, N);
     else if (M == 3) run<4, 3>(w, xp, M, K, yp, N);
-    else if (M == 4) run<3, 4>(w, xp, M, K, yp, N);
-    else if (M <= 6) run<2, 6>(w, xp, M, K, yp, N);
-    else run<1, 8>(w, xp, M, K, yp, N);
+    else if (M == 4) run<3 + wide, 4>(w, xp, M, K, yp, N);
+    else if (M <= 6) run<2 + 2 * wide, 6>(w, xp, M, K, yp, N);
+    else run<1 + wide, 8>(w, xp, M, K, yp, N);
   }
   return y;
 }

@@ -99,6 +99,18 @@ def _onednn_ok() -> bool:
 HAVE_ONEDNN = _onednn_ok()
 # the rows kernel is written for AVX2 + FMA (the 2-core EPYC has no AVX-512)
 HAVE_AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+# its vector width: 16 lanes where torch finds AVX-512 (the products of the compact weights,
+# rebuilt per block of rows, are compute-bound from a few rows on: the 120 SmolLM2 layer
+# linears, 2-core Xeon, median ms, 8 lanes / 16, each with its best block shape: M = 1 9.0 /
+# 8.1, M = 4 11.5 / 9.5, M = 8 18.1 / 14.6); 8 lanes elsewhere. SCYLLA_CPU_VECTOR=avx2 keeps 8
+# lanes on an AVX-512 CPU (to compare the two builds)
+VECTOR = os.environ.get("SCYLLA_CPU_VECTOR") or (
+    "avx512" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "avx2")
+if VECTOR not in ("avx2", "avx512"):
+    raise ConfigError(f"SCYLLA_CPU_VECTOR={VECTOR!r}: expected avx2 or avx512")
+_VECTOR_FLAGS = {"avx2": ["-mavx2", "-mfma"],
+                 "avx512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl",
+                            "-mavx512dq", "-DSCYLLA_AVX512"]}
 # the most rows the default sends to ``rows``: it beats ``packed`` up to 64, not at 128
 ROWS_MAX = 64
 
@@ -131,10 +143,10 @@ def _rows_kernel() -> Any:
     from torch.utils.cpp_extension import load_inline
 
     try:
-        return load_inline("scylla_cpu_kernels", _source(),
+        return load_inline(f"scylla_cpu_kernels_{VECTOR}", _source(),
                            functions=["rows_linear", "affine4_linear", "scaled8_linear",
                                       "rms_norm", "attend"],
-                           extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+                           extra_cflags=["-O3", *_VECTOR_FLAGS[VECTOR], "-fopenmp"],
                            extra_ldflags=["-fopenmp"])
     except (RuntimeError, OSError) as e:
         raise ConfigError(f"GEMM path 'rows': could not compile cpu_kernels.cpp (needs a C++ "
@@ -143,7 +155,7 @@ def _rows_kernel() -> Any:
 
 def fingerprint() -> str:
     """What decides this process's CPU kernels (a changed kernel changes measured costs)."""
-    return (f"{_forced or 'default'}:{rows_available()}:{ROWS_MAX}:"
+    return (f"{_forced or 'default'}:{rows_available()}:{VECTOR}:{ROWS_MAX}:"
             f"{hashlib.sha256(_source().encode()).hexdigest()[:12]}")
 
 
