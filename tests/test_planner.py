@@ -13,6 +13,7 @@ import torch
 from scylla.decoding.planner import (
     CALIBRATION_STEPS,
     OBSERVED_MIN,
+    PROBE_STEPS,
     REPLAN_EVERY,
     WINDOW,
     AutoPlanner,
@@ -225,13 +226,50 @@ def test_a_settled_lookup_plan_gives_way_to_plain_decoding_when_its_steps_run_sl
     proposer = types.SimpleNamespace(plan=None, lookup_len=0, lookup_min_match=1)
     proposer.plan = plan = auto.start(proposer)
     assert plan.mode == "lookup" and auto.settled(plan) and proposer.lookup_len == 4
+    for _ in range(PROBE_STEPS):  # plain probes, as slow as the lookup steps
+        auto.begin(proposer)
+        assert auto.probe
+        auto.observe(plan, 30.0 * slower, 1, 0)
+        auto.review(proposer)
     for i in range(OBSERVED_MIN):
         auto.begin(proposer)
-        assert not auto.calibrating
-        auto.observe(plan, 62.0 * slower, 5, 0)  # 5 nodes: 30 + 8 * 4 ms by the curve
+        assert not auto.calibrating and not auto.probe
+        auto.observe(plan, 62.0 * slower, 5, 0, 4.0)  # 5 nodes: 30 + 8 * 4 ms by the curve
         auto.review(proposer)
         assert proposer.plan is plan or i == OBSERVED_MIN - 1  # judged on OBSERVED_MIN steps
     assert proposer.plan.mode == mode
+    assert proposer.lookup_len == (4 if mode == "lookup" else 0)
+
+
+@pytest.mark.parametrize("tokens, mode", [(4.0, "lookup"), (1.5, "plain")])
+def test_a_settled_lookup_plan_is_held_to_its_realised_rate_against_plain_probes(
+        monkeypatch, tokens, mode):
+    """A lookup chosen on a table from other text (4 tokens a step predicted) first times
+    PROBE_STEPS plain steps (root-only verifications, no lookup proposed), then keeps going
+    while its own tokens per ms beat theirs, and hands the decode to plain decoding when they
+    do not, though every step runs at the cost the curve predicts."""
+    import scylla.decoding.planner as planner
+
+    monkeypatch.setattr(planner, "measured_costs",
+                        lambda *a: curve(per_token_ms=8.0, draft_ms=20.0))
+    auto = AutoPlanner(model=None, draft=torch.nn.Linear(3, 2), width=2, ngram=3, batch=1,
+                       temperature=0.0)
+    hit = dataclasses.replace(step(accepted_depths=0, chain_run=4), match=3)
+    auto.steps = [dataclasses.replace(hit, group=i) for i in range(WINDOW)]
+    proposer = types.SimpleNamespace(plan=None, lookup_len=0, lookup_min_match=1)
+    proposer.plan = plan = auto.start(proposer)
+    assert plan.mode == "lookup" and auto.settled(plan)
+    probes = 0
+    for _ in range(PROBE_STEPS + OBSERVED_MIN):
+        auto.begin(proposer)
+        probes += auto.probe
+        if auto.probe:
+            auto.observe(proposer.plan, 30.0, 1, 0, 1.0)  # one node: 30 ms by the curve
+        else:
+            auto.observe(proposer.plan, 62.0, 5, 0, tokens)  # 5 nodes: 30 + 8 * 4 ms
+        auto.review(proposer)
+    assert probes == PROBE_STEPS
+    assert proposer.plan.mode == mode and auto.settled(proposer.plan)
     assert proposer.lookup_len == (4 if mode == "lookup" else 0)
 
 

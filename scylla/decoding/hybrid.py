@@ -99,7 +99,9 @@ class HybridState:
             tree, cands = self.draft.propose(roots, lengths, generator)
         else:
             tree, cands = root_only(roots, sampled=p.drafter.temperature > 0)
-        found = [r.match(p.lookup_len) if p.lookup_len else ([], 0) for r in self.rows]
+        # a plain probe (``AutoPlanner.begin``) verifies the root alone
+        lookup_len = 0 if p.planner is not None and p.planner.probe else p.lookup_len
+        found = [r.match(lookup_len) if lookup_len else ([], 0) for r in self.rows]
         chains = [chain if n >= p.lookup_min_match else [] for chain, n in found]
         grown, cands, chain_nodes = graft(tree, cands, chains)
         if p.calibrating:
@@ -124,7 +126,8 @@ class HybridState:
             p.planner.record(p, *self.pending, target_out.logits, wall_ms, catch_up)
             self.pending = None
         elif p.plan is not None:
-            p.planner.observe(p.plan, wall_ms, self.verified, catch_up)
+            p.planner.observe(p.plan, wall_ms, self.verified, catch_up,
+                              sum(map(len, emitted)) / len(emitted))
             p.planner.review(p)
 
     def select(self, rows: torch.Tensor) -> "HybridState":

@@ -45,6 +45,12 @@ The plan maximises predicted tokens per second over the grid. Unless the best sp
 candidate beats plain decoding (a one-token forward per token) by ``MARGIN``, the decode goes on
 plainly: it proposes nothing and stops running the draft. The choice is recorded
 (``Plan.as_dict``) with the run.
+
+A lookup plan that no longer drafts (settled) is also held to what it delivers: it first
+verifies the root alone for ``PROBE_STEPS`` steps (plain steps, timed in this decode), then
+once ``OBSERVED_MIN`` of its own steps are timed, and at every re-plan, it gives way to plain
+decoding if its realised tokens per ms fall below the probes'. The table it was chosen on can
+come from another text, and the curve from a tight loop.
 """
 from __future__ import annotations
 
@@ -92,6 +98,10 @@ COST_KS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 33)  # 33 = root + the calibration tree
 # cost 1.30x the k = 1 forward at one hour and 1.51x two hours later), so it is measured again
 COSTS_MAX_AGE_S = 3600
 OBSERVED_MIN = 8  # timed steps of speculative plans before their ratio replaces calibration's
+# plain steps a settled lookup plan times first, in the decode itself: the yardstick its own
+# realised tokens per ms must beat (a lookup predicted at 1.43x plain from another text's table
+# ran at 0.89x at batch 2, once the compact weights made plain steps cheap)
+PROBE_STEPS = 8
 
 
 @dataclass
@@ -435,6 +445,9 @@ class AutoPlanner:
         # size, then this decode's (``timed`` of them)
         self.ratios: list[float] = self.costs.ratios[-WINDOW:]
         self.timed = 0
+        self.probe = False  # this step is a plain probe of a settled lookup plan
+        self.probe_ms: list[float] = []  # the probes' wall times
+        self.realised: list[tuple[float, float]] = []  # a settled lookup's (tokens/row, ms)
 
     @property
     def lookup_room(self) -> int:
@@ -454,6 +467,8 @@ class AutoPlanner:
         plan = proposer.plan
         self.calibrating = plan is None or (not self.settled(plan)
                                             and self.since >= REPLAN_EVERY - 1)
+        self.probe = (not self.calibrating and self.settled(plan) and plan.mode == "lookup"
+                      and len(self.probe_ms) < PROBE_STEPS)
         if not self.calibrating:
             self.since += 1
             return
@@ -472,11 +487,19 @@ class AutoPlanner:
             save_steps(self.table, self.steps)
             proposer.plan = self.apply(proposer)
 
-    def observe(self, plan: Plan, wall_ms: float, verified: int, catch_up: int) -> None:
+    def observe(self, plan: Plan, wall_ms: float, verified: int, catch_up: int,
+                tokens: float = 1.0) -> None:
         """A step of ``plan`` (not a calibration step) took ``wall_ms``: it verified
-        ``verified`` nodes per row and its catch-up fed ``catch_up`` tokens per row (0: none)."""
+        ``verified`` nodes per row, its catch-up fed ``catch_up`` tokens per row (0: none), and
+        it emitted ``tokens`` per row."""
         if plan.mode == "plain":
             return  # the ratio scales what speculative candidates cost
+        if self.probe:
+            self.probe_ms.append(wall_ms)
+            return
+        if self.settled(plan):
+            self.realised.append((tokens, wall_ms))
+            del self.realised[:-WINDOW]
         depth = plan.tree_depth if plan.drafts else 0
         self.ratios.append(wall_ms / forwards_ms(self.costs, verified, depth, self.width,
                                                  catch_up))
@@ -497,6 +520,19 @@ class AutoPlanner:
             proposer.plan = self.apply(proposer, drafting=not self.settled(plan))
         elif not plan.drafts and self.settled(plan) and self.since % REPLAN_EVERY == 0:
             proposer.plan = self.apply(proposer, drafting=False)
+        if (proposer.plan.mode == "lookup" and self.settled(proposer.plan)
+                and len(self.probe_ms) >= PROBE_STEPS and len(self.realised) >= OBSERVED_MIN
+                and self.realised_speedup() < 1.0):
+            proposer.plan = Plan("plain", calibration_steps=len(self.steps))
+            proposer.lookup_len = 0
+            self.plans += 1
+
+    def realised_speedup(self) -> float:
+        """A settled lookup's tokens per ms in this decode over its plain probes' (the table
+        it was chosen on may come from other text, and the cost curve from a tight loop)."""
+        tokens = sum(t for t, _ in self.realised)
+        ms = sum(w for _, w in self.realised)
+        return tokens / ms * float(np.median(self.probe_ms))
 
     def slowdown(self) -> float | None:
         """How much slower than the cost curve this decode's speculative steps ran (their
