@@ -246,8 +246,9 @@ def test_a_settled_lookup_plan_is_held_to_its_realised_rate_against_plain_probes
         monkeypatch, tokens, mode):
     """A lookup chosen on a table from other text (4 tokens a step predicted) first times
     PROBE_STEPS plain steps (root-only verifications, no lookup proposed), then keeps going
-    while its own tokens per ms beat theirs, and hands the decode to plain decoding when they
-    do not, though every step runs at the cost the curve predicts."""
+    while its tokens per ms over a window of its steps keep up with theirs, and hands the
+    decode to plain decoding when they do not, though every step runs at the cost the curve
+    predicts."""
     import scylla.decoding.planner as planner
 
     monkeypatch.setattr(planner, "measured_costs",
@@ -260,7 +261,7 @@ def test_a_settled_lookup_plan_is_held_to_its_realised_rate_against_plain_probes
     proposer.plan = plan = auto.start(proposer)
     assert plan.mode == "lookup" and auto.settled(plan)
     probes = 0
-    for _ in range(PROBE_STEPS + OBSERVED_MIN):
+    for _ in range(PROBE_STEPS + WINDOW):
         auto.begin(proposer)
         probes += auto.probe
         if auto.probe:

@@ -47,10 +47,12 @@ plainly: it proposes nothing and stops running the draft. The choice is recorded
 (``Plan.as_dict``) with the run.
 
 A lookup plan that no longer drafts (settled) is also held to what it delivers: it first
-verifies the root alone for ``PROBE_STEPS`` steps (plain steps, timed in this decode), then
-once ``OBSERVED_MIN`` of its own steps are timed, and at every re-plan, it gives way to plain
-decoding if its realised tokens per ms fall below the probes'. The table it was chosen on can
-come from another text, and the curve from a tight loop.
+verifies the root alone for ``PROBE_STEPS`` steps (plain steps, timed in this decode), and once
+``WINDOW`` of its own steps are timed it gives way to plain decoding whenever its tokens per ms
+over the latest ``WINDOW`` steps fall ``MARGIN`` below the probes'. The table it was chosen on
+can come from another text, and the curve from a tight loop. (A whole window, not
+``OBSERVED_MIN`` steps: lookup acceptance comes in bursts, and 8 steps once turned a decode
+that prompt lookup ran at 1.32x plain to plain decoding for good.)
 """
 from __future__ import annotations
 
@@ -99,8 +101,8 @@ COST_KS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 33)  # 33 = root + the calibration tree
 COSTS_MAX_AGE_S = 3600
 OBSERVED_MIN = 8  # timed steps of speculative plans before their ratio replaces calibration's
 # plain steps a settled lookup plan times first, in the decode itself: the yardstick its own
-# realised tokens per ms must beat (a lookup predicted at 1.43x plain from another text's table
-# ran at 0.89x at batch 2, once the compact weights made plain steps cheap)
+# realised tokens per ms are held to (a lookup predicted at 1.43x plain from another text's
+# table ran at 0.89x at batch 2, once the compact weights made plain steps cheap)
 PROBE_STEPS = 8
 
 
@@ -521,8 +523,8 @@ class AutoPlanner:
         elif not plan.drafts and self.settled(plan) and self.since % REPLAN_EVERY == 0:
             proposer.plan = self.apply(proposer, drafting=False)
         if (proposer.plan.mode == "lookup" and self.settled(proposer.plan)
-                and len(self.probe_ms) >= PROBE_STEPS and len(self.realised) >= OBSERVED_MIN
-                and self.realised_speedup() < 1.0):
+                and len(self.probe_ms) >= PROBE_STEPS and len(self.realised) >= WINDOW
+                and self.realised_speedup() < 1 - MARGIN):
             proposer.plan = Plan("plain", calibration_steps=len(self.steps))
             proposer.lookup_len = 0
             self.plans += 1
