@@ -11,9 +11,10 @@ once and the kernel's small-M behaviour decides the step's cost. The paths:
 ``wide``        ``(W @ x.T).T``: the (out, in) weight streamed as the left operand.
 ``linear``      ``F.linear`` itself: always on CUDA, under autograd, and for dtypes other than
                 fp32 (oneDNN has no fast bf16/fp16 kernel on AVX2).
-``rows``        our AVX2 kernel (``cpu_kernels.cpp``, compiled on first use by torch's
-                extension builder into ``~/.cache/torch_extensions``, ~35 s on 2 cores):
-                parallel over weight rows, bit-identical per row for every M.
+``rows``        our kernel (``cpu_kernels.cpp``, compiled on first use by torch's extension
+                builder into ``~/.cache/torch_extensions``, ~35 s on 2 cores; 8 AVX2 lanes, 16
+                on AVX-512 CPUs, see ``VECTOR``): parallel over weight rows, bit-identical per
+                row for every M.
 ``compact``     ``rows`` over the weight's exact compact form where it has one (``compact``):
                 the default wherever ``rows`` is chosen; forcing ``rows`` streams the fp32
                 weight instead.
