@@ -70,26 +70,22 @@ def measure_roofline() -> Roofline:
     return Roofline(read, copy, gemm_peak())
 
 
-def _matmul_weights(model: nn.Module) -> list[torch.Tensor]:
-    """The 2-D weights every forward streams: each distinct one once (a tied head counts once)
-    and without the embedding table, of which a forward reads only k rows."""
-    seen: dict[int, torch.Tensor] = {}
+def _linears(model: nn.Module) -> dict[int, nn.Linear]:
+    """The linears whose 2-D weights every forward streams, by weight: each distinct weight
+    once (a tied head counts once) and without the embedding table, of which a forward reads
+    only k rows."""
+    seen: dict[int, nn.Linear] = {}
     for module in model.modules():
-        w = getattr(module, "weight", None)
-        if isinstance(module, nn.Linear) and w is not None:
-            seen.setdefault(w.data_ptr(), w)
-    return list(seen.values())
+        if isinstance(module, nn.Linear) and getattr(module, "weight", None) is not None:
+            seen.setdefault(module.weight.data_ptr(), module)
+    return seen
 
 
 def _streamed(model: nn.Module) -> dict[int, int]:
     """Bytes per forward of each distinct linear weight: its compact exact form's where the CPU
     kernels multiply by that (``kernels.streamed_bytes``), else its own."""
-    out: dict[int, int] = {}
-    for module in model.modules():
-        w = getattr(module, "weight", None)
-        if isinstance(module, nn.Linear) and w is not None and w.data_ptr() not in out:
-            out[w.data_ptr()] = kernels.streamed_bytes(w, getattr(module, "_copies", None))
-    return out
+    return {ptr: kernels.streamed_bytes(m.weight, getattr(m, "_copies", None))
+            for ptr, m in _linears(model).items()}
 
 
 def forward_bytes(model: nn.Module, k: int, context: int) -> int:
@@ -114,7 +110,7 @@ def forward_bytes(model: nn.Module, k: int, context: int) -> int:
 def forward_flops(model: nn.Module, k: int, context: int) -> int:
     """FLOPs of a k-token forward on a ``context``-token cache: 2 per weight element per row
     for every linear (the LM head included), and q.k plus p.v over context + k keys per head."""
-    dense = sum(2 * k * w.numel() for w in _matmul_weights(model))
+    dense = sum(2 * k * m.weight.numel() for m in _linears(model).values())
     c = model.config
     attn = c.num_hidden_layers * c.num_attention_heads * 4 * k * (context + k) * c.head_dim
     return dense + attn

@@ -337,12 +337,18 @@ class WeightCopies:
         self._copies = {}
 
 
+def _compact_for_rows(weight: torch.Tensor, copies: WeightCopies) -> Compact | None:
+    """The compact form the ``rows`` path multiplies by (None: the fp32 weight, also when
+    ``rows`` is forced)."""
+    return copies.get("compact", weight) if _forced != "rows" else None
+
+
 def streamed_bytes(weight: torch.Tensor, copies: WeightCopies | None) -> int:
     """Bytes a CPU inference product with ``weight`` streams: its compact form's where the
     ``rows`` kernels multiply by one (a decode step's few rows), else the weight's own."""
-    if (copies is not None and weight.is_cpu and _forced != "rows"
+    if (copies is not None and weight.is_cpu
             and choose_path(1, weight.shape[1], weight.shape[0], weight.dtype) == "rows"):
-        c = copies.get("compact", weight)
+        c = _compact_for_rows(weight, copies)
         if c is not None:
             return c.nbytes
     return weight.numel() * weight.element_size()
@@ -390,7 +396,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                                                   "none", [], "")
     if path == "rows":
         kernel, x2 = _rows_kernel(), x.reshape(rows, in_features)
-        c = copies.get("compact", weight) if _forced != "rows" else None
+        c = _compact_for_rows(weight, copies)
         if c is None:
             y = kernel.rows_linear(x2, weight)
         elif c.m is None:
