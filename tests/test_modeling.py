@@ -193,6 +193,40 @@ def test_a_tree_verify_forward_computes_each_path_as_plain_decoding_does_bit_for
                 assert torch.equal(step, out[b, node]), (b, path, node)
 
 
+@pytest.mark.skipif(not kernels.HAVE_AVX2, reason="the CPU kernels need AVX2")
+@pytest.mark.parametrize("weights", ["fp32", "gguf"])
+@torch.inference_mode()
+def test_a_fused_decode_layer_computes_what_the_layers_modules_do_bit_for_bit(monkeypatch,
+                                                                              weights):
+    """A decode step's decoder layer in one kernel call (``kernels.layer_step``) gives the
+    logits and cache entries of the same layer run module by module, bit for bit: a tree
+    appended to rows of different lengths (a mask, per-row cache positions), then 1-token
+    steps of a uniform batch."""
+    if not kernels.rows_available():
+        pytest.skip("the CPU kernels did not build")
+    calls = []
+    fused = kernels.layer_step
+    monkeypatch.setattr(kernels, "layer_step",
+                        lambda *a, **k: calls.append(fused(*a, **k)) or calls[-1])
+    model = ours_of(tiny_hf("llama", "default"))
+    if weights == "gguf":
+        gguf_grid(model)
+    results = []
+    for on in (True, False):
+        gen = torch.Generator().manual_seed(7)
+        with kernels.fused_layers(on):
+            _, _, _, cache, out = append_random_trees(model, gen, torch.tensor([9, 6]), 10)
+            cache.set_lengths([19, 19])
+            steps = [model(torch.randint(0, 256, (2, 1), generator=gen), cache=cache).logits
+                     for _ in range(3)]
+        results.append((out, steps, cache.k, cache.v))
+    assert calls and all(c is not None for c in calls[:len(calls) // 2])  # fused, then not
+    assert all(c is None for c in calls[len(calls) // 2:])
+    (out, steps, k, v), (out2, steps2, k2, v2) = results
+    assert torch.equal(out, out2) and torch.equal(k, k2) and torch.equal(v, v2)
+    assert all(torch.equal(a, b) for a, b in zip(steps, steps2))
+
+
 @torch.inference_mode()
 def test_keep_equals_recompute_from_scratch():
     gen = torch.Generator().manual_seed(2)

@@ -146,7 +146,7 @@ def _rows_kernel() -> Any:
     try:
         return load_inline(f"scylla_cpu_kernels_{VECTOR}", _source(),
                            functions=["rows_linear", "affine4_linear", "scaled8_linear",
-                                      "rms_norm", "attend"],
+                                      "rms_norm", "attend", "layer_step"],
                            extra_cflags=["-O3", *_VECTOR_FLAGS[VECTOR], "-fopenmp"],
                            extra_ldflags=["-fopenmp"])
     except (RuntimeError, OSError) as e:
@@ -411,3 +411,61 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     else:
         return F.linear(x, weight, bias)
     return y if bias is None else y + bias
+
+
+def _rows_form(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               copies: WeightCopies) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """A linear as ``layer_step`` takes it: (0, the fp32 weight), (1, affine4 q, d, m) or
+    (2, scaled8 q, d); None where ``linear`` would not take the ``rows`` path (or has a
+    bias)."""
+    out_features, in_features = weight.shape
+    if (bias is not None or not cpu_inference(x, weight)
+            or choose_path(x.numel() // in_features, in_features, out_features,
+                           weight.dtype) != "rows"):
+        return None
+    c = _compact_for_rows(weight, copies)
+    if c is None:
+        return 0, weight, _EMPTY, _EMPTY
+    return (2, c.q, c.d, _EMPTY) if c.m is None else (1, c.q, c.d, c.m)
+
+
+_EMPTY = torch.empty(0)
+_fused_layers = True
+
+
+@contextlib.contextmanager
+def fused_layers(on: bool) -> Iterator[None]:
+    """``on=False``: decoder layers run module by module inside the block (``layer_step``
+    declines), to compare the two."""
+    global _fused_layers
+    old, _fused_layers = _fused_layers, on
+    try:
+        yield
+    finally:
+        _fused_layers = old
+
+
+def layer_step(x: torch.Tensor, norms: tuple[Any, Any], linears: tuple[Any, ...], eps: float,
+               cos: torch.Tensor, sin: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
+               write_pos: torch.Tensor, key_len: int, mask: torch.Tensor | None,
+               n_heads: int) -> torch.Tensor | None:
+    """One decoder layer of a decode step in one call of ``cpu_kernels.cpp`` (``layer_step``):
+    the same operations as the layer's modules through ``rms_norm``, ``linear`` and
+    ``attend``, so its output is theirs bit for bit. norms: the two RMSNorm weights; linears:
+    (weight, bias, WeightCopies) of qkv, o, gate/up and down. None where the modules would
+    not all take these kernels (another dtype or device, autograd, a bias, many rows)."""
+    if (not _fused_layers or x.dtype != torch.float32 or x.shape[1] > ROWS_MAX
+            or not rows_available()
+            or any(n.dtype != torch.float32 or not cpu_inference(x, n) for n in norms)):
+        return None
+    forms = []
+    for weight, bias, copies in linears:
+        form = _rows_form(x, weight, bias, copies)
+        if form is None:
+            return None
+        forms.append(form)
+    k_cache, v_cache = kv
+    tensors = [norms[0], *forms[0][1:], *forms[1][1:], norms[1], *forms[2][1:], *forms[3][1:]]
+    return _rows_kernel().layer_step(
+        x, tensors, [f[0] for f in forms], eps, cos, sin, k_cache, v_cache, write_pos,
+        key_len, _EMPTY if mask is None else mask, n_heads)

@@ -153,5 +153,15 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, step: AttentionStep,
                 kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        if kv is not None and step.write_pos is not None:  # a decode step: one kernel call
+            attn, mlp = self.self_attn, self.mlp
+            fused = kernels.layer_step(
+                x, (self.input_layernorm.weight, self.post_attention_layernorm.weight),
+                tuple((m.weight, m.bias, m._copies) for m in (
+                    attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)),
+                self.input_layernorm.eps, step.cos, step.sin, kv, step.write_pos,
+                step.key_len, step.mask, attn.n_heads)
+            if fused is not None:
+                return fused
         h = x + self.self_attn(self.input_layernorm(x), step, kv)
         return h + self.mlp(self.post_attention_layernorm(h))
