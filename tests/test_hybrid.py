@@ -69,3 +69,41 @@ def test_the_calibration_tree_fits_the_cache_to_the_last_token():
                            tree_top_k=3)
         res = METHODS["hybrid"](target, prompts, cfg, OracleDraft(target, noise=1.5))
         assert [len(t) for t in res.tokens] == [8, 8, 8]
+
+
+def test_the_lookup_gate_scores_chains_on_the_emitted_text_and_cuts_them_to_what_pays():
+    """Chains are scored once the text they predicted is emitted, proposed or not: a text that
+    repeats itself earns its long matches their whole chain, while 1-token matches that never
+    come true are cut to nothing, and a chain still waiting for its text stays unscored."""
+    from scylla.decoding.pld import LookupGate, NgramIndex
+
+    def step_ms(k: int) -> float:  # a lookup step costs 1.2 plain steps, and more per token
+        return 10.0 if k == 0 else 12.0 + 0.5 * k
+
+    gate = LookupGate(max_n=3, max_len=4)
+    row = NgramIndex([5, 6, 7, 8, 9, 5, 6, 7], max_n=3)
+    for _ in range(20):  # the row repeats 5 6 7 8 9: each chain matched on 3 tokens comes true
+        chain, n = row.match(4)
+        gate.note(row, chain, n)
+        row.extend(chain[:1])
+        gate.score(row)
+    assert gate.scored[3, 1] >= 15 and gate.hits[3, 4] == gate.scored[3, 4]
+    chain, n = row.match(4)
+    assert n == 3 and gate.cut(chain, n, step_ms) == chain
+
+    other = NgramIndex([1, 2, 1, 3, 1, 4, 1], max_n=3)
+    for t in range(20):  # after every 1 comes a new token: a 1-token match never comes true
+        chain, n = other.match(4)
+        gate.note(other, chain, n)
+        other.extend([100 + t, 1])
+        gate.score(other)
+    assert gate.scored[1, 1] == 20 and gate.hits[1, 1] == 0
+    chain, n = other.match(4)
+    assert n == 1 and chain and gate.cut(chain, n, step_ms) == []
+
+    waiting = NgramIndex([5, 6, 7, 5, 6], max_n=3)
+    gate.note(waiting, *waiting.match(4))
+    before = gate.scored.copy()
+    waiting.extend([7])  # matches so far: the chain's outcome is not known yet
+    gate.score(waiting)
+    assert (gate.scored == before).all() and len(waiting.pending) == 1

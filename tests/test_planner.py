@@ -13,7 +13,6 @@ import torch
 from scylla.decoding.planner import (
     CALIBRATION_STEPS,
     OBSERVED_MIN,
-    PROBE_STEPS,
     REPLAN_EVERY,
     WINDOW,
     AutoPlanner,
@@ -209,13 +208,15 @@ def test_a_settled_lookup_plan_keeps_its_lookups():
         assert HybridProposer.drafts.fget(proposer) is False
 
 
-@pytest.mark.parametrize("slower, mode", [(1.0, "lookup"), (3.0, "plain")])
-def test_a_settled_lookup_plan_gives_way_to_plain_decoding_when_its_steps_run_slow(
-        monkeypatch, slower, mode):
-    """A lookup plan is settled (no calibration re-plans it), so its own timed steps decide:
-    at the predicted cost it stays; three times slower than its forwards (a lookup predicted
-    at ~2.4x plain), it hands the decode to plain decoding."""
+@pytest.mark.parametrize("slower, kept", [(1.0, 4), (3.0, 0)])
+def test_a_settled_lookup_plan_stays_and_its_gate_prices_steps_by_their_timed_kind(
+        monkeypatch, slower, kept):
+    """A settled lookup plan is not chosen again, however its steps run: its gate decides each
+    step from what this decode's steps of each kind took. Lookup steps at their forwards' cost
+    keep a chain that comes true half the time; three times slower, the gate verifies the root
+    alone, at what root-only steps took."""
     import scylla.decoding.planner as planner
+    from scylla.decoding.pld import LookupGate
 
     monkeypatch.setattr(planner, "measured_costs",
                         lambda *a: curve(per_token_ms=8.0, draft_ms=20.0))
@@ -223,55 +224,24 @@ def test_a_settled_lookup_plan_gives_way_to_plain_decoding_when_its_steps_run_sl
                        temperature=0.0)
     hit = dataclasses.replace(step(accepted_depths=0, chain_run=4), match=3)
     auto.steps = [dataclasses.replace(hit, group=i) for i in range(WINDOW)]
-    proposer = types.SimpleNamespace(plan=None, lookup_len=0, lookup_min_match=1)
+    proposer = types.SimpleNamespace(plan=None, lookup_len=0, lookup_min_match=1,
+                                     gate=LookupGate(3, 4))
     proposer.plan = plan = auto.start(proposer)
     assert plan.mode == "lookup" and auto.settled(plan) and proposer.lookup_len == 4
-    for _ in range(PROBE_STEPS):  # plain probes, as slow as the lookup steps
+    for i in range(2 * WINDOW):
         auto.begin(proposer)
-        assert auto.probe
-        auto.observe(plan, 30.0 * slower, 1, 0)
-        auto.review(proposer)
-    for i in range(OBSERVED_MIN):
-        auto.begin(proposer)
-        assert not auto.calibrating and not auto.probe
-        auto.observe(plan, 62.0 * slower, 5, 0, 4.0)  # 5 nodes: 30 + 8 * 4 ms by the curve
-        auto.review(proposer)
-        assert proposer.plan is plan or i == OBSERVED_MIN - 1  # judged on OBSERVED_MIN steps
-    assert proposer.plan.mode == mode
-    assert proposer.lookup_len == (4 if mode == "lookup" else 0)
-
-
-@pytest.mark.parametrize("tokens, mode", [(4.0, "lookup"), (1.5, "plain")])
-def test_a_settled_lookup_plan_is_held_to_its_realised_rate_against_plain_probes(
-        monkeypatch, tokens, mode):
-    """A lookup chosen on a table from other text (4 tokens a step predicted) first times
-    PROBE_STEPS plain steps (root-only verifications, no lookup proposed), then keeps going
-    while its tokens per ms over a window of its steps keep up with theirs, and hands the
-    decode to plain decoding when they do not, though every step runs at the cost the curve
-    predicts."""
-    import scylla.decoding.planner as planner
-
-    monkeypatch.setattr(planner, "measured_costs",
-                        lambda *a: curve(per_token_ms=8.0, draft_ms=20.0))
-    auto = AutoPlanner(model=None, draft=torch.nn.Linear(3, 2), width=2, ngram=3, batch=1,
-                       temperature=0.0)
-    hit = dataclasses.replace(step(accepted_depths=0, chain_run=4), match=3)
-    auto.steps = [dataclasses.replace(hit, group=i) for i in range(WINDOW)]
-    proposer = types.SimpleNamespace(plan=None, lookup_len=0, lookup_min_match=1)
-    proposer.plan = plan = auto.start(proposer)
-    assert plan.mode == "lookup" and auto.settled(plan)
-    probes = 0
-    for _ in range(PROBE_STEPS + WINDOW):
-        auto.begin(proposer)
-        probes += auto.probe
-        if auto.probe:
-            auto.observe(proposer.plan, 30.0, 1, 0, 1.0)  # one node: 30 ms by the curve
+        assert not auto.calibrating
+        if i % 2:
+            auto.observe(plan, 30.0, 1, 0)  # the root alone: 30 ms by the curve
         else:
-            auto.observe(proposer.plan, 62.0, 5, 0, tokens)  # 5 nodes: 30 + 8 * 4 ms
+            auto.observe(plan, 62.0 * slower, 5, 0)  # 5 nodes: 30 + 8 * 4 ms by the curve
         auto.review(proposer)
-    assert probes == PROBE_STEPS
-    assert proposer.plan.mode == mode and auto.settled(proposer.plan)
-    assert proposer.lookup_len == (4 if mode == "lookup" else 0)
+        assert proposer.plan is plan
+    assert auto.lookup_step_ms(0) == pytest.approx(30.0)
+    assert auto.lookup_step_ms(4) == pytest.approx(62.0 * slower)
+    gate = proposer.gate
+    gate.scored[3], gate.hits[3] = 100, [0, 50, 50, 50, 50]  # half the chains come true whole
+    assert gate.cut([1, 2, 3, 4], 3, auto.lookup_step_ms) == [1, 2, 3, 4][:kept]
 
 
 def test_a_later_process_starts_from_the_drafts_saved_table(monkeypatch):

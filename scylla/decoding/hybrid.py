@@ -7,7 +7,10 @@ are children the draft already proposed it walks down the draft tree, and from t
 token on it hangs as a chain of new nodes. One target forward verifies the union.
 
 Prompt lookup wins where answers copy their prompt (extraction, summaries, RAG), the draft where
-the text is new; the union costs the verification of the lookup's new nodes only.
+the text is new; the union costs the verification of the lookup's new nodes only. When the
+planner settles on lookup alone, each row's chain is cut by ``pld.LookupGate`` to the length
+that pays this step, down to the root alone, so the decode follows the text in and out of
+copying without ever handing itself to plain decoding for good.
 
 At T > 0 a lookup token is a fixed candidate (proposed with probability 1) and is tested before
 the draft's candidates of the same node (``verify.verify_sampled``), which keeps the output
@@ -22,7 +25,7 @@ import torch
 
 from scylla.decoding.drafter import DraftProposer, DraftState
 from scylla.decoding.planner import AutoPlanner
-from scylla.decoding.pld import NgramIndex
+from scylla.decoding.pld import LookupGate, NgramIndex
 from scylla.decoding.prefill import Prefill
 from scylla.decoding.timing import synchronize
 from scylla.decoding.tree import Candidates, Tree
@@ -42,7 +45,9 @@ class HybridProposer:
         self.hidden_layers = drafter.hidden_layers
         self.prefill_forwards = drafter.prefill_forwards
         self.plan = None
+        self.gate = None
         if planner is not None:
+            self.gate = LookupGate(ngram, planner.lookup_room) if ngram else None
             # room for the largest tree this decode may verify: the calibration shape's
             drafter.set_shape(planner.shape)
             self.room = drafter.room + planner.lookup_room
@@ -65,6 +70,12 @@ class HybridProposer:
         """Settled on plain decoding: the engine steps plainly, without this proposer."""
         return (self.planner is not None and self.planner.settled(self.plan)
                 and self.plan.mode == "plain")
+
+    @property
+    def gated(self) -> bool:
+        """This step's lookup chains are cut by the gate: a lookup plan (no draft)."""
+        return (self.gate is not None and self.plan is not None and self.plan.mode == "lookup"
+                and not self.calibrating)
 
     @property
     def calibrating(self) -> bool:
@@ -99,10 +110,19 @@ class HybridState:
             tree, cands = self.draft.propose(roots, lengths, generator)
         else:
             tree, cands = root_only(roots, sampled=p.drafter.temperature > 0)
-        # a plain probe (``AutoPlanner.begin``) verifies the root alone
-        lookup_len = 0 if p.planner is not None and p.planner.probe else p.lookup_len
-        found = [r.match(lookup_len) if lookup_len else ([], 0) for r in self.rows]
-        chains = [chain if n >= p.lookup_min_match else [] for chain, n in found]
+        lookup_len = p.lookup_len
+        if p.gate is not None:  # every row's longest chain is scored, proposed or not
+            found = [r.match(p.gate.max_len) for r in self.rows]
+            for row, (chain, n) in zip(self.rows, found):
+                p.gate.note(row, chain, n)
+        else:
+            found = [r.match(lookup_len) if lookup_len else ([], 0) for r in self.rows]
+        if p.gated:  # the gate cuts the longest chain
+            chains = [p.gate.cut(chain, n, p.planner.lookup_step_ms)
+                      if n >= p.lookup_min_match else [] for chain, n in found]
+        else:
+            chains = [chain[:lookup_len] if n >= p.lookup_min_match else []
+                      for chain, n in found]
         grown, cands, chain_nodes = graft(tree, cands, chains)
         if p.calibrating:
             self.pending = (grown, tree.size, chain_nodes, [n for _, n in found])
@@ -117,6 +137,8 @@ class HybridState:
             self.draft.commit(verdict, target_out, lengths, emitted)
         for row, new in zip(self.rows, emitted):
             row.extend(new)
+            if p.gate is not None:
+                p.gate.score(row)
         if p.planner is None:
             return
         synchronize(verdict.count.device)
@@ -126,8 +148,7 @@ class HybridState:
             p.planner.record(p, *self.pending, target_out.logits, wall_ms, catch_up)
             self.pending = None
         elif p.plan is not None:
-            p.planner.observe(p.plan, wall_ms, self.verified, catch_up,
-                              sum(map(len, emitted)) / len(emitted))
+            p.planner.observe(p.plan, wall_ms, self.verified, catch_up)
             p.planner.review(p)
 
     def select(self, rows: torch.Tensor) -> "HybridState":

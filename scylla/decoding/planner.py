@@ -20,8 +20,8 @@ measured here, never assumed:
   decode no longer pays for a calibration it is too short to earn back. A plan that does
   not draft, chosen on a full window (the first plan is: ``CALIBRATION_STEPS`` = ``WINDOW``),
   is final for its decode (``settled``): the draft stops, and a plain plan's steps are plain
-  decoding's (``Decoder.plain_step``). A settled lookup plan is still judged by its own timed
-  steps (``review``) and gives way to plain decoding when they show it does not pay.
+  decoding's (``Decoder.plain_step``). A settled lookup plan's chains are cut step by step by
+  the proposer's ``LookupGate``, down to the root alone where lookups do not pay.
 - **Cost.** The target's forward of k tokens per row and the draft's, at this batch size
   (``forward_cost``), measured per machine, target, draft architecture and batch size and
   cached in ``plans_dir()`` for ``COSTS_MAX_AGE_S``. Rows verified together pay
@@ -46,13 +46,15 @@ candidate beats plain decoding (a one-token forward per token) by ``MARGIN``, th
 plainly: it proposes nothing and stops running the draft. The choice is recorded
 (``Plan.as_dict``) with the run.
 
-A lookup plan that no longer drafts (settled) is also held to what it delivers: it first
-verifies the root alone for ``PROBE_STEPS`` steps (plain steps, timed in this decode), and once
-``WINDOW`` of its own steps are timed it gives way to plain decoding whenever its tokens per ms
-over the latest ``WINDOW`` steps fall ``MARGIN`` below the probes'. The table it was chosen on
-can come from another text, and the curve from a tight loop. (A whole window, not
-``OBSERVED_MIN`` steps: lookup acceptance comes in bursts, and 8 steps once turned a decode
-that prompt lookup ran at 1.32x plain to plain decoding for good.)
+A lookup plan that no longer drafts (settled) is not chosen again: the table it was chosen on
+can come from another text, and what pays moves with the text. Each step the ``LookupGate``
+cuts every row's chain to the length with the most expected tokens per ms, from what this
+decode's chains of the same match length went on to match and from what its steps of each kind
+(the root alone, or not) took over the curve's forwards (``lookup_step_ms``). Where lookups do
+not pay, a step verifies the root alone, at a plain step's cost; when they pay again, the
+chains come back. (It replaced a guard that handed the decode to plain decoding for good when a
+window of lookup steps ran below plain probes: on the 40-prompt Spec-Bench bench that gave up
+the lookups of the last 16 prompts, 1.00x plain where prompt lookup ran 1.20x.)
 """
 from __future__ import annotations
 
@@ -100,10 +102,6 @@ COST_KS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 33)  # 33 = root + the calibration tree
 # cost 1.30x the k = 1 forward at one hour and 1.51x two hours later), so it is measured again
 COSTS_MAX_AGE_S = 3600
 OBSERVED_MIN = 8  # timed steps of speculative plans before their ratio replaces calibration's
-# plain steps a settled lookup plan times first, in the decode itself: the yardstick its own
-# realised tokens per ms are held to (a lookup predicted at 1.43x plain from another text's
-# table ran at 0.89x at batch 2, once the compact weights made plain steps cheap)
-PROBE_STEPS = 8
 
 
 @dataclass
@@ -307,11 +305,10 @@ def slowdown(steps: list[Step], costs: Costs, width: int, batch: int) -> float:
 
 
 def choose(steps: list[Step], costs: Costs, width: int, max_match: int = 0, batch: int = 1,
-           slower: float | None = None, drafting: bool = True) -> Plan:
+           slower: float | None = None) -> Plan:
     """The grid point with the highest predicted tokens/ms (see the module docstring); every
     speculative candidate's forwards cost ``slower`` times the curve's (None: the calibration
-    steps' measure, ``slowdown``). max_match: the lookup's longest n-gram (0: no lookup);
-    drafting: False leaves only lookup alone and plain decoding (the draft has stopped)."""
+    steps' measure, ``slowdown``). max_match: the lookup's longest n-gram (0: no lookup)."""
     plain_ms = costs.target_ms(1)
     if slower is None:
         slower = slowdown(steps, costs, width, batch)
@@ -348,7 +345,7 @@ def choose(steps: list[Step], costs: Costs, width: int, max_match: int = 0, batc
     fits = ((totals <= width + (depth - 1) * width * width) & ((lookups == 0) | (max_match > 0))
             # one grid point per plan: lookup alone has no depth, no lookup no minimum match
             & ((totals > 0) | (depth == 1)) & ((lookups > 0) | (matches == 1))
-            & ((totals > 0) | (lookups > 0)) & ((totals == 0) | drafting))
+            & ((totals > 0) | (lookups > 0)))
     rate = np.where(fits, rate, -np.inf)
     plain_rate = len(steps) / (verifications * plain_ms)
     best = np.unravel_index(np.argmax(rate), rate.shape)
@@ -447,9 +444,8 @@ class AutoPlanner:
         # size, then this decode's (``timed`` of them)
         self.ratios: list[float] = self.costs.ratios[-WINDOW:]
         self.timed = 0
-        self.probe = False  # this step is a plain probe of a settled lookup plan
-        self.probe_ms: list[float] = []  # the probes' wall times
-        self.realised: list[tuple[float, float]] = []  # a settled lookup's (tokens/row, ms)
+        # lookup plans' steps, root alone (False) or not: wall time over the curve's forward
+        self.step_ratios: dict[bool, list[float]] = {False: [], True: []}
 
     @property
     def lookup_room(self) -> int:
@@ -469,8 +465,6 @@ class AutoPlanner:
         plan = proposer.plan
         self.calibrating = plan is None or (not self.settled(plan)
                                             and self.since >= REPLAN_EVERY - 1)
-        self.probe = (not self.calibrating and self.settled(plan) and plan.mode == "lookup"
-                      and len(self.probe_ms) < PROBE_STEPS)
         if not self.calibrating:
             self.since += 1
             return
@@ -489,19 +483,17 @@ class AutoPlanner:
             save_steps(self.table, self.steps)
             proposer.plan = self.apply(proposer)
 
-    def observe(self, plan: Plan, wall_ms: float, verified: int, catch_up: int,
-                tokens: float = 1.0) -> None:
+    def observe(self, plan: Plan, wall_ms: float, verified: int, catch_up: int) -> None:
         """A step of ``plan`` (not a calibration step) took ``wall_ms``: it verified
-        ``verified`` nodes per row, its catch-up fed ``catch_up`` tokens per row (0: none), and
-        it emitted ``tokens`` per row."""
+        ``verified`` nodes per row and its catch-up fed ``catch_up`` tokens per row (0: none)."""
         if plan.mode == "plain":
             return  # the ratio scales what speculative candidates cost
-        if self.probe:
-            self.probe_ms.append(wall_ms)
-            return
-        if self.settled(plan):
-            self.realised.append((tokens, wall_ms))
-            del self.realised[:-WINDOW]
+        if plan.mode == "lookup":
+            ratios = self.step_ratios[verified > 1]
+            ratios.append(wall_ms / self.costs.target_ms(verified))
+            del ratios[:-WINDOW]
+            if verified == 1:
+                return  # the gate's root-only step: not what a lookup candidate costs
         depth = plan.tree_depth if plan.drafts else 0
         self.ratios.append(wall_ms / forwards_ms(self.costs, verified, depth, self.width,
                                                  catch_up))
@@ -509,32 +501,22 @@ class AutoPlanner:
         self.timed += 1
 
     def review(self, proposer: Any) -> None:
-        """A speculative plan is chosen again at its own measured slowdown once ``OBSERVED_MIN``
-        of this decode's steps are timed (a drafting plan's calibrations re-plan it after that).
-        A settled lookup plan verifies no calibration trees, so it is chosen again one
-        verification in ``REPLAN_EVERY`` after that too, among lookups and plain decoding, and
-        gives way to plain decoding when no lookup pays any more (seen at batch 4: a lookup
-        predicted 1.05x ran at 0.93x plain)."""
+        """A drafting plan is chosen again at its own measured slowdown once ``OBSERVED_MIN``
+        of this decode's steps are timed (its calibrations re-plan it after that). A settled
+        plan is not: a plain plan is final, and a lookup plan's gate decides each step."""
         plan = proposer.plan
-        if plan is None or plan.mode == "plain" or self.slowdown() is None:
+        if (plan is None or self.settled(plan) or self.timed != OBSERVED_MIN
+                or self.slowdown() is None):
             return
-        if self.timed == OBSERVED_MIN:  # a settled plan's draft has stopped
-            proposer.plan = self.apply(proposer, drafting=not self.settled(plan))
-        elif not plan.drafts and self.settled(plan) and self.since % REPLAN_EVERY == 0:
-            proposer.plan = self.apply(proposer, drafting=False)
-        if (proposer.plan.mode == "lookup" and self.settled(proposer.plan)
-                and len(self.probe_ms) >= PROBE_STEPS and len(self.realised) >= WINDOW
-                and self.realised_speedup() < 1 - MARGIN):
-            proposer.plan = Plan("plain", calibration_steps=len(self.steps))
-            proposer.lookup_len = 0
-            self.plans += 1
+        proposer.plan = self.apply(proposer)
 
-    def realised_speedup(self) -> float:
-        """A settled lookup's tokens per ms in this decode over its plain probes' (the table
-        it was chosen on may come from other text, and the cost curve from a tight loop)."""
-        tokens = sum(t for t, _ in self.realised)
-        ms = sum(w for _, w in self.realised)
-        return tokens / ms * float(np.median(self.probe_ms))
+    def lookup_step_ms(self, k: int) -> float:
+        """What a lookup plan's step verifying k lookup tokens per row costs: the curve's
+        forward of 1 + k tokens times the median ratio of this decode's timed steps of its kind
+        (the root alone, or not) to their forwards (1 until ``OBSERVED_MIN`` are timed)."""
+        ratios = self.step_ratios[k > 0]
+        slower = float(np.median(ratios)) if len(ratios) >= OBSERVED_MIN else 1.0
+        return self.costs.target_ms(1 + k) * slower
 
     def slowdown(self) -> float | None:
         """How much slower than the cost curve this decode's speculative steps ran (their
@@ -543,9 +525,9 @@ class AutoPlanner:
             return None
         return max(1.0, float(np.median(self.ratios)))
 
-    def apply(self, proposer: Any, drafting: bool = True) -> Plan:
+    def apply(self, proposer: Any) -> Plan:
         plan = choose(self.steps, self.costs, self.width, self.ngram, self.batch,
-                      self.slowdown(), drafting)
+                      self.slowdown())
         self.plans += 1
         if self.timed:
             self.costs.keep_ratios(self.ratios)

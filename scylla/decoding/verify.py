@@ -62,6 +62,10 @@ def greedy_accepted(tree: Tree, pred: torch.Tensor, ancestors: torch.Tensor) -> 
 def verify_greedy(tree: Tree, logits: torch.Tensor, ancestors: torch.Tensor) -> Verdict:
     """logits (B, N, V) of the target at every node; ancestors (B, N, N) = tree.ancestors()."""
     pred = logits.argmax(-1)  # (B, N) the target's token after each node
+    if tree.size == 1:  # the root alone: a plain decoding step's token, nothing tested
+        batch = pred.shape[0]
+        none = torch.zeros(batch, 0, dtype=torch.bool, device=pred.device)
+        return Verdict(torch.zeros_like(pred), torch.ones_like(pred[:, 0]), pred, none, none)
     accepted = greedy_accepted(tree, pred, ancestors)
     best = torch.where(accepted, tree.depth, -1).argmax(-1)  # (B,) deepest accepted node
     on_path = ancestors[torch.arange(tree.tokens.shape[0], device=best.device), best]

@@ -74,7 +74,8 @@ class KVCache:
         start, keep_idx = start.to(self.device), keep_idx.to(self.device)
         keep_count = keep_count.to(self.device)
         batch, m = keep_idx.shape
-        if m:
+        # a path that is a prefix in place (a chain's, the root alone) moves nothing
+        if m and not bool((keep_idx == torch.arange(m, device=self.device)).all()):
             j = torch.arange(m, device=self.device)
             valid = j[None, :] < keep_count[:, None]  # (B, M)
             src = start[:, None] + keep_idx  # (B, M)
