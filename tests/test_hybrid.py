@@ -89,7 +89,7 @@ def test_the_lookup_gate_scores_chains_on_the_emitted_text_and_cuts_them_to_what
         gate.score(row)
     assert gate.scored[3, 1] >= 15 and gate.hits[3, 4] == gate.scored[3, 4]
     chain, n = row.match(4)
-    assert n == 3 and gate.cut(chain, n, step_ms) == chain
+    assert n == 3 and gate.cut([chain], [n], step_ms) == [chain]
 
     other = NgramIndex([1, 2, 1, 3, 1, 4, 1], max_n=3)
     for t in range(20):  # after every 1 comes a new token: a 1-token match never comes true
@@ -99,7 +99,10 @@ def test_the_lookup_gate_scores_chains_on_the_emitted_text_and_cuts_them_to_what
         gate.score(other)
     assert gate.scored[1, 1] == 20 and gate.hits[1, 1] == 0
     chain, n = other.match(4)
-    assert n == 1 and chain and gate.cut(chain, n, step_ms) == []
+    assert n == 1 and chain and gate.cut([chain], [n], step_ms) == [[]]
+    # verified together, rows pay the longest row's chain: the poor row rides along
+    good, g = row.match(4)
+    assert gate.cut([good, chain], [g, n], step_ms) == [good, chain]
 
     waiting = NgramIndex([5, 6, 7, 5, 6], max_n=3)
     gate.note(waiting, *waiting.match(4))

@@ -241,7 +241,7 @@ def test_a_settled_lookup_plan_stays_and_its_gate_prices_steps_by_their_timed_ki
     assert auto.lookup_step_ms(4) == pytest.approx(62.0 * slower)
     gate = proposer.gate
     gate.scored[3], gate.hits[3] = 100, [0, 50, 50, 50, 50]  # half the chains come true whole
-    assert gate.cut([1, 2, 3, 4], 3, auto.lookup_step_ms) == [1, 2, 3, 4][:kept]
+    assert gate.cut([[1, 2, 3, 4]], [3], auto.lookup_step_ms) == [[1, 2, 3, 4][:kept]]
 
 
 def test_a_later_process_starts_from_the_drafts_saved_table(monkeypatch):

@@ -117,9 +117,9 @@ class HybridState:
                 p.gate.note(row, chain, n)
         else:
             found = [r.match(lookup_len) if lookup_len else ([], 0) for r in self.rows]
-        if p.gated:  # the gate cuts the longest chain
-            chains = [p.gate.cut(chain, n, p.planner.lookup_step_ms)
-                      if n >= p.lookup_min_match else [] for chain, n in found]
+        if p.gated:  # the gate cuts the longest chains
+            chains = p.gate.cut([chain if n >= p.lookup_min_match else [] for chain, n in found],
+                                [n for _, n in found], p.planner.lookup_step_ms)
         else:
             chains = [chain[:lookup_len] if n >= p.lookup_min_match else []
                       for chain, n in found]

@@ -55,11 +55,12 @@ class LookupGate:
     emitted text repeats, whether they were verified or not (at T = 0 exactly what their
     verification would have accepted). From those scores, per match length n, P(the first j
     tokens match) is estimated (with one pseudo-chain of half hits and half misses), and the
-    chain is cut to the k tokens, k = 0 included, with the most expected tokens per ms:
-    (1 + sum of P(first j match), j <= k) / step_ms(k), where ``step_ms(k)`` is what a step
-    verifying k lookup tokens costs. On Spec-Bench lookup acceptance moves with the text (2.5
-    tokens a step on extraction, 1.15 on writing) and a short match predicts less than a long
-    one, so where lookups do not pay the rows step with their root alone.
+    chains are cut to the k tokens, k = 0 included, with the most expected tokens per ms:
+    (1 + sum of P(first j match), j <= k) / step_ms(k) for one row, summed over the rows
+    verified together (each row's chain up to k tokens), where ``step_ms(k)`` is what a step
+    verifying k lookup tokens per row costs. On Spec-Bench lookup acceptance moves with the
+    text (2.5 tokens a step on extraction, 1.15 on writing) and a short match predicts less
+    than a long one, so where lookups do not pay the rows step with their root alone.
     """
 
     def __init__(self, max_n: int, max_len: int):
@@ -88,13 +89,21 @@ class LookupGate:
                 left.append((proposed, n, at))
         row.pending = left
 
-    def cut(self, chain: list[int], n: int, step_ms: Callable[[int], float]) -> list[int]:
-        """The chain's first k tokens: the k with the most expected tokens per ms."""
-        k = len(chain)
-        p = (self.hits[n, 1:k + 1] + 0.5) / (self.scored[n, 1:k + 1] + 1)
-        rates = (1 + np.concatenate([[0.0], np.cumsum(p)])) / np.array(
-            [step_ms(j) for j in range(k + 1)])
-        return chain[:int(np.argmax(rates))]
+    def cut(self, chains: list[list[int]], matches: list[int],
+            step_ms: Callable[[int], float]) -> list[list[int]]:
+        """Every row's chain (matched on ``matches[b]`` context tokens) cut to its first k
+        tokens, one k for the rows verified together, since their verification costs the
+        longest row's: the k with the most expected tokens per ms over the rows."""
+        longest = max(map(len, chains), default=0)
+        upto = np.arange(longest + 1)
+        tokens = np.full(longest + 1, float(len(chains)))  # each row's own token
+        for row, n in zip(chains, matches):
+            k = len(row)
+            p = (self.hits[n, 1:k + 1] + 0.5) / (self.scored[n, 1:k + 1] + 1)
+            tokens += np.concatenate([[0.0], np.cumsum(p)])[np.minimum(upto, k)]
+        rates = tokens / np.array([step_ms(j) for j in upto])
+        k = int(np.argmax(rates))
+        return [row[:k] for row in chains]
 
 
 class PldProposer:

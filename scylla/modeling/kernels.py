@@ -465,6 +465,8 @@ def layer_step(x: torch.Tensor, norms: tuple[Any, Any], linears: tuple[Any, ...]
             return None
         forms.append(form)
     k_cache, v_cache = kv
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        return None
     tensors = [norms[0], *forms[0][1:], *forms[1][1:], norms[1], *forms[2][1:], *forms[3][1:]]
     return _rows_kernel().layer_step(
         x, tensors, [f[0] for f in forms], eps, cos, sin, k_cache, v_cache, write_pos,

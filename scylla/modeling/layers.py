@@ -153,13 +153,16 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, step: AttentionStep,
                 kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        if kv is not None and step.write_pos is not None:  # a decode step: one kernel call
+        norms = (self.input_layernorm, self.post_attention_layernorm)
+        # a decode step: one kernel call (a served EAGLE draft's first layer has no input norm)
+        if (kv is not None and step.write_pos is not None
+                and all(isinstance(n, RMSNorm) for n in norms) and norms[0].eps == norms[1].eps):
             attn, mlp = self.self_attn, self.mlp
             fused = kernels.layer_step(
-                x, (self.input_layernorm.weight, self.post_attention_layernorm.weight),
+                x, (norms[0].weight, norms[1].weight),
                 tuple((m.weight, m.bias, m._copies) for m in (
                     attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)),
-                self.input_layernorm.eps, step.cos, step.sin, kv, step.write_pos,
+                norms[0].eps, step.cos, step.sin, kv, step.write_pos,
                 step.key_len, step.mask, attn.n_heads)
             if fused is not None:
                 return fused
