@@ -444,8 +444,10 @@ class AutoPlanner:
         # size, then this decode's (``timed`` of them)
         self.ratios: list[float] = self.costs.ratios[-WINDOW:]
         self.timed = 0
-        # lookup plans' steps, root alone (False) or not: wall time over the curve's forward
+        # lookup plans' steps, root alone (False) or not: wall time over the curve's forward,
+        # and their median once OBSERVED_MIN are timed (1 before)
         self.step_ratios: dict[bool, list[float]] = {False: [], True: []}
+        self.step_slower: dict[bool, float] = {False: 1.0, True: 1.0}
 
     @property
     def lookup_room(self) -> int:
@@ -492,6 +494,8 @@ class AutoPlanner:
             ratios = self.step_ratios[verified > 1]
             ratios.append(wall_ms / self.costs.target_ms(verified))
             del ratios[:-WINDOW]
+            if len(ratios) >= OBSERVED_MIN:
+                self.step_slower[verified > 1] = float(np.median(ratios))
             if verified == 1:
                 return  # the gate's root-only step: not what a lookup candidate costs
         depth = plan.tree_depth if plan.drafts else 0
@@ -514,9 +518,7 @@ class AutoPlanner:
         """What a lookup plan's step verifying k lookup tokens per row costs: the curve's
         forward of 1 + k tokens times the median ratio of this decode's timed steps of its kind
         (the root alone, or not) to their forwards (1 until ``OBSERVED_MIN`` are timed)."""
-        ratios = self.step_ratios[k > 0]
-        slower = float(np.median(ratios)) if len(ratios) >= OBSERVED_MIN else 1.0
-        return self.costs.target_ms(1 + k) * slower
+        return self.costs.target_ms(1 + k) * self.step_slower[k > 0]
 
     def slowdown(self) -> float | None:
         """How much slower than the cost curve this decode's speculative steps ran (their

@@ -26,7 +26,6 @@ class AttentionStep:
     mask: torch.Tensor | None  # (B, 1, g*K, T) additive float mask, None = all visible
     causal: bool = False  # no cache and default mask: SDPA's own causal path
     write_at: int | None = None  # all rows append at this position (uniform lengths)
-    write_idx: torch.Tensor | None = None  # (B, n_kv_heads, K, D) scatter index otherwise
     write_pos: torch.Tensor | None = None  # (B, K): where each appended token's entry goes
 
 
@@ -78,13 +77,8 @@ def attention_step(config: ModelConfig, rotary: RotaryEmbedding, input_ids: torc
     else:
         cache.check_room(n_new)
         key_len = cache.max_length + n_new
-        write_at = write_idx = None
+        write_at = cache.max_length if cache.uniform else None
         pos = cache.lengths[:, None] + steps[None, :]  # (B, K)
-        if cache.uniform:
-            write_at = cache.max_length
-        else:
-            write_idx = pos[:, None, :, None].expand(
-                batch, config.num_key_value_heads, n_new, config.head_dim)
         if cache.uniform and n_new == 1 and tree_mask is None:
             return AttentionStep(cos, sin, n_new, key_len, None, write_at=write_at, write_pos=pos)
         allowed = _allowed(cache.lengths, n_new, key_len, tree_mask)
@@ -93,5 +87,4 @@ def attention_step(config: ModelConfig, rotary: RotaryEmbedding, input_ids: torc
     mask = mask[:, None].repeat(1, 1, groups, 1)  # (B, 1, g*K, T)
     if cache is None:
         return AttentionStep(cos, sin, n_new, n_new, mask)
-    return AttentionStep(cos, sin, n_new, key_len, mask, write_at=write_at, write_idx=write_idx,
-                         write_pos=pos)
+    return AttentionStep(cos, sin, n_new, key_len, mask, write_at=write_at, write_pos=pos)

@@ -2,7 +2,8 @@
 // AVX-512), each computing every row of its output by the same operations whatever the row
 // count:
 //
-// rows_linear: the ``rows`` GEMM path, y = x @ w.T for x (M, K) and w (N, K), both row-major,
+// rows_product: the ``rows`` GEMM path, y = x @ w.T for x (M, K) and w (N, K), both row-major,
+// the weight in fp32 (rows_linear) or a compact exact form (affine4_linear, scaled8_linear),
 // parallel over weight rows with ATen's thread pool.
 // rms_norm: y = w * x / sqrt(mean(x^2) + eps) per row of x (M, H). ATen's CPU rms_norm is a
 // composite of ~8 small ops, ~40 us for one 576-float row and more inside a forward (61 per
@@ -461,15 +462,21 @@ torch::Tensor scaled8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor d) 
   return product(x, Scaled8Rows{q.data_ptr<int8_t>(), d.data_ptr<float>(), K}, q.size(0));
 }
 
+// y = x @ w.T for a weight in the form kernels._weight_form gives: kind 0 the fp32 weight q,
+// 1 affine4 (q, d, m), 2 scaled8 (q, d)
+torch::Tensor rows_product(torch::Tensor x, int64_t kind, torch::Tensor q, torch::Tensor d,
+                           torch::Tensor m) {
+  if (kind == 1) return affine4_linear(x, q, d, m);
+  if (kind == 2) return scaled8_linear(x, q, d);
+  return rows_linear(x, q);
+}
+
 // One decoder layer of a decode step (fp32 CPU inference) in one call, the same operations
 // in the same order as layers.DecoderLayer through these kernels: norm, qkv product, rotary,
 // cache append, attention, o product, residual, norm, gate/up product, SiLU (ATen's, as the
 // Python path calls it) times up, down product, residual. Module by module the layer's small
 // ops and their dispatch cost ~0.17 ms: a quarter of a 1-token SmolLM2 forward on the 2-core
 // Xeon (20.2 -> 15.1 ms; k = 8: 34.0 -> 27.6 ms).
-// A linear is (kind, q, d, m): kind 0 the fp32 weight q, 1 affine4 (q, d, m), 2 scaled8 (q, d).
-static torch::Tensor product_of(const torch::Tensor& x, int64_t kind, const torch::Tensor& q,
-                                const torch::Tensor& d, const torch::Tensor& m);
 
 // x * cos + roll(x, D / 2) * sin as three rounded ATen ops compute it (no FMA contraction)
 __attribute__((optimize("fp-contract=off")))
@@ -500,7 +507,7 @@ torch::Tensor layer_step(torch::Tensor x, std::vector<torch::Tensor> w, std::vec
   TORCH_CHECK(cos.numel() == M * D && sin.numel() == M * D && write_pos.numel() == M &&
               write_pos.dtype() == torch::kLong, "cos, sin (B, K, D); write_pos (B, K) long");
   const auto x2 = x.reshape({M, H}).contiguous();
-  const auto qkv = product_of(rms_norm(x2, w[0], eps), kinds[0], w[1], w[2], w[3]);
+  const auto qkv = rows_product(rms_norm(x2, w[0], eps), kinds[0], w[1], w[2], w[3]);
   const int64_t width = qkv.size(1);
   TORCH_CHECK(width == (n_heads + 2 * n_kv) * D, "qkv width");
   auto q = torch::empty({B, n_kv, g * K, D}, x.options());
@@ -529,7 +536,7 @@ torch::Tensor layer_step(torch::Tensor x, std::vector<torch::Tensor> w, std::vec
   const auto att = attend(q, k_cache.narrow(2, 0, key_len), v_cache.narrow(2, 0, key_len),
                           mask);
   const auto heads = att.view({B, n_heads, K, D}).transpose(1, 2).reshape({M, n_heads * D});
-  const auto o = product_of(heads, kinds[1], w[4], w[5], w[6]);
+  const auto o = rows_product(heads, kinds[1], w[4], w[5], w[6]);
   auto h = torch::empty_like(x2);
   {
     const float* a = x2.data_ptr<float>();
@@ -537,7 +544,7 @@ torch::Tensor layer_step(torch::Tensor x, std::vector<torch::Tensor> w, std::vec
     float* y = h.data_ptr<float>();
     for (int64_t j = 0; j < M * H; ++j) y[j] = a[j] + c[j];
   }
-  const auto gu = product_of(rms_norm(h, w[7], eps), kinds[2], w[8], w[9], w[10]);
+  const auto gu = rows_product(rms_norm(h, w[7], eps), kinds[2], w[8], w[9], w[10]);
   const int64_t I = gu.size(1) / 2;
   auto act = at::silu(gu.narrow(1, 0, I)).contiguous();
   {
@@ -546,18 +553,11 @@ torch::Tensor layer_step(torch::Tensor x, std::vector<torch::Tensor> w, std::vec
     for (int64_t r = 0; r < M; ++r)
       for (int64_t j = 0; j < I; ++j) a[r * I + j] = a[r * I + j] * u[r * 2 * I + I + j];
   }
-  const auto down = product_of(act, kinds[3], w[11], w[12], w[13]);
+  const auto down = rows_product(act, kinds[3], w[11], w[12], w[13]);
   {
     float* y = h.data_ptr<float>();
     const float* c = down.data_ptr<float>();
     for (int64_t j = 0; j < M * H; ++j) y[j] = y[j] + c[j];
   }
   return h.view({B, K, H});
-}
-
-static torch::Tensor product_of(const torch::Tensor& x, int64_t kind, const torch::Tensor& q,
-                                const torch::Tensor& d, const torch::Tensor& m) {
-  if (kind == 1) return affine4_linear(x, q, d, m);
-  if (kind == 2) return scaled8_linear(x, q, d);
-  return rows_linear(x, q);
 }

@@ -145,8 +145,7 @@ def _rows_kernel() -> Any:
 
     try:
         return load_inline(f"scylla_cpu_kernels_{VECTOR}", _source(),
-                           functions=["rows_linear", "affine4_linear", "scaled8_linear",
-                                      "rms_norm", "attend", "layer_step"],
+                           functions=["rows_product", "rms_norm", "attend", "layer_step"],
                            extra_cflags=["-O3", *_VECTOR_FLAGS[VECTOR], "-fopenmp"],
                            extra_ldflags=["-fopenmp"])
     except (RuntimeError, OSError) as e:
@@ -395,14 +394,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         return torch.ops.mkldnn._linear_pointwise(x, copies.get("packed", weight), bias,
                                                   "none", [], "")
     if path == "rows":
-        kernel, x2 = _rows_kernel(), x.reshape(rows, in_features)
-        c = _compact_for_rows(weight, copies)
-        if c is None:
-            y = kernel.rows_linear(x2, weight)
-        elif c.m is None:
-            y = kernel.scaled8_linear(x2, c.q, c.d)
-        else:
-            y = kernel.affine4_linear(x2, c.q, c.d, c.m)
+        y = _rows_kernel().rows_product(x.reshape(rows, in_features),
+                                        *_weight_form(weight, copies))
         y = y.reshape(*x.shape[:-1], out_features)
     elif path == "transposed":
         y = torch.matmul(x, copies.get("transposed", weight))
@@ -413,23 +406,29 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return y if bias is None else y + bias
 
 
-def _rows_form(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-               copies: WeightCopies) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """A linear as ``layer_step`` takes it: (0, the fp32 weight), (1, affine4 q, d, m) or
-    (2, scaled8 q, d); None where ``linear`` would not take the ``rows`` path (or has a
-    bias)."""
-    out_features, in_features = weight.shape
-    if (bias is not None or not cpu_inference(x, weight)
-            or choose_path(x.numel() // in_features, in_features, out_features,
-                           weight.dtype) != "rows"):
-        return None
+_EMPTY = torch.empty(0)
+
+
+def _weight_form(weight: torch.Tensor, copies: WeightCopies
+                 ) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The weight as the ``rows`` kernels take it (``rows_product``): (0, the fp32 weight),
+    (1, affine4 q, d, m) or (2, scaled8 q, d)."""
     c = _compact_for_rows(weight, copies)
     if c is None:
         return 0, weight, _EMPTY, _EMPTY
     return (2, c.q, c.d, _EMPTY) if c.m is None else (1, c.q, c.d, c.m)
 
 
-_EMPTY = torch.empty(0)
+def _rows_form(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               copies: WeightCopies) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``_weight_form`` for ``layer_step``; None where ``linear`` would not take the ``rows``
+    path (or has a bias)."""
+    out_features, in_features = weight.shape
+    if (bias is not None or not cpu_inference(x, weight)
+            or choose_path(x.numel() // in_features, in_features, out_features,
+                           weight.dtype) != "rows"):
+        return None
+    return _weight_form(weight, copies)
 _fused_layers = True
 
 

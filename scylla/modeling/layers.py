@@ -110,9 +110,10 @@ class Attention(nn.Module):
             if step.write_at is not None:
                 k_cache.narrow(2, step.write_at, n_new).copy_(k_new)
                 v_cache.narrow(2, step.write_at, n_new).copy_(v_new)
-            else:
-                k_cache.scatter_(2, step.write_idx, k_new)
-                v_cache.scatter_(2, step.write_idx, v_new)
+            else:  # each row at its own length
+                idx = step.write_pos[:, None, :, None].expand_as(k_new)
+                k_cache.scatter_(2, idx, k_new)
+                v_cache.scatter_(2, idx, v_new)
             keys, values = k_cache.narrow(2, 0, step.key_len), v_cache.narrow(2, 0, step.key_len)
         out = None
         if kv is not None and n_new <= kernels.ROWS_MAX:  # a decode step: the fp32 CPU kernel
