@@ -10,7 +10,9 @@
 // SmolLM2 forward); this is one pass.
 // attend: softmax(q k^T / sqrt(D) + mask) v for a few query rows against cached keys, each
 // row by the same operations however many rows share the call (SDPA's CPU kernel costs
-// ~60-150 us per call for 3 rows).
+// ~60-150 us per call for 3 rows). A head's rows share every key and value load, 8 keys'
+// scores are summed across lanes at once and (AVX-512) two rows' scores share each FMA, all
+// keeping each score's own sequence of operations.
 //
 // Every output y[m][o] is computed by the same sequence of operations whatever M is and
 // however rows are blocked: one FMA accumulator of LANES lanes (8; 16 in the AVX-512 build) over
@@ -45,10 +47,16 @@ static inline float hsum(__m256 v) {
 using vec = __m512;
 constexpr int LANES = 16;
 static inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+static inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
 static inline vec vzero() { return _mm512_setzero_ps(); }
 static inline vec vset(float x) { return _mm512_set1_ps(x); }
 static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 static inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+static inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+static inline vec vsub(vec a, vec b) { return _mm512_sub_ps(a, b); }
+static inline vec vdiv(vec a, vec b) { return _mm512_div_ps(a, b); }
+static inline vec vmax(vec a, vec b) { return _mm512_max_ps(a, b); }
+static inline vec vexp(vec a) { return Sleef_expf16_u10(a); }
 static inline vec vint(__m128i bytes, bool sign) {  // 16 bytes as 16 floats
   return _mm512_cvtepi32_ps(sign ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes));
 }
@@ -59,10 +67,16 @@ static inline float vsum(vec v) {  // a fixed order: the halves added, then hsum
 using vec = __m256;
 constexpr int LANES = 8;
 static inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
 static inline vec vzero() { return _mm256_setzero_ps(); }
 static inline vec vset(float x) { return _mm256_set1_ps(x); }
 static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 static inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+static inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+static inline vec vsub(vec a, vec b) { return _mm256_sub_ps(a, b); }
+static inline vec vdiv(vec a, vec b) { return _mm256_div_ps(a, b); }
+static inline vec vmax(vec a, vec b) { return _mm256_max_ps(a, b); }
+static inline vec vexp(vec a) { return Sleef_expf8_u10(a); }
 static inline vec vint(__m128i bytes, bool sign) {  // the low 8 bytes as 8 floats
   return _mm256_cvtepi32_ps(sign ? _mm256_cvtepi8_epi32(bytes) : _mm256_cvtepu8_epi32(bytes));
 }
@@ -297,48 +311,141 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
   return y;
 }
 
-// Scores of QB query rows (q: QB x D) against T keys (kb: T x D) into s (QB rows of
-// ``stride``): each key
-// is loaded once for the QB rows, and each score is the same operation sequence as for a row
-// alone (8-lane FMA accumulator over d, the fixed horizontal sum, scalar FMAs over the tail).
-template <int QB>
-static void scores(const float* q, const float* kb, int64_t T, int64_t D, float* s,
+// hsum of 8 keys' 8-lane accumulators at once: lane j of the result is hsum(a[j]) bit for bit
+// (the same additions of the same operands: low half + high half, then neighbours, then pairs)
+static inline __m256 hsum8(const __m256* a) {
+  __m256 p[4];
+  for (int j = 0; j < 4; ++j)  // (a[j] halves added | a[j + 4] halves added)
+    p[j] = _mm256_add_ps(_mm256_permute2f128_ps(a[j], a[j + 4], 0x20),
+                         _mm256_permute2f128_ps(a[j], a[j + 4], 0x31));
+  return _mm256_hadd_ps(_mm256_hadd_ps(p[0], p[1]), _mm256_hadd_ps(p[2], p[3]));
+}
+
+#ifdef SCYLLA_AVX512
+// hadd_ps per 128-bit lane, which AVX-512 lacks: (a0 + a1, a2 + a3, b0 + b1, b2 + b3)
+static inline __m512 hadd16(__m512 a, __m512 b) {
+  return _mm512_add_ps(_mm512_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// Two query rows' scores against 8 keys (kr[u]: D floats, D % 8 == 0) into out and
+// out + stride: row 0 in the low 8 lanes, row 1 in the high 8, each lane the 8-lane FMA
+// accumulator of a row alone, then hsum8's additions per row (half the FMAs of two rows alone)
+static inline void scores_pair(const float* q, const float* const* kr, int64_t D, float* out,
+                               int64_t stride) {
+  __m512 a[8];
+  for (int u = 0; u < 8; ++u) a[u] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) {
+    const __m512 qv = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(q + d)),
+                                         _mm256_loadu_ps(q + D + d), 1);
+    for (int u = 0; u < 8; ++u)
+      a[u] = _mm512_fmadd_ps(qv, _mm512_broadcast_f32x8(_mm256_loadu_ps(kr[u] + d)), a[u]);
+  }
+  // 128-bit lanes of a[u]: (row 0 low, row 0 high, row 1 low, row 1 high); p[u] lanes:
+  // (key u row 0, key u row 1, key u + 4 row 0, key u + 4 row 1), each its halves added
+  __m512 p[4];
+  for (int u = 0; u < 4; ++u)
+    p[u] = _mm512_add_ps(_mm512_shuffle_f32x4(a[u], a[u + 4], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(a[u], a[u + 4], _MM_SHUFFLE(3, 1, 3, 1)));
+  // lanes: (keys 0-3 row 0, keys 0-3 row 1, keys 4-7 row 0, keys 4-7 row 1)
+  const __m512 s = hadd16(hadd16(p[0], p[1]), hadd16(p[2], p[3]));
+  const __m512 rows = _mm512_shuffle_f32x4(s, s, _MM_SHUFFLE(3, 1, 2, 0));
+  _mm256_storeu_ps(out, _mm512_castps512_ps256(rows));
+  _mm256_storeu_ps(out + stride, _mm512_extractf32x8_ps(rows, 1));
+}
+#endif
+
+// Scores of n query rows (q: n x D) against keys [0, T) (kb: T x D) into s (rows of
+// ``stride`` >= T rounded up to 8): 8 keys at a time, read once for all n rows, each score the
+// same operations as for a row alone (an 8-lane FMA accumulator over d, hsum's additions,
+// scalar FMAs over the D % 8 tail). Keys past T in the last block are zeros.
+static void scores(const float* q, int64_t n, const float* kb, int64_t T, int64_t D, float* s,
                    int64_t stride) {
-  for (int64_t t = 0; t < T; ++t) {
-    const float* kr = kb + t * D;
-    __m256 a[QB];
-    for (int j = 0; j < QB; ++j) a[j] = _mm256_setzero_ps();
-    int64_t d = 0;
-    for (; d + 8 <= D; d += 8) {
-      const __m256 kv = _mm256_loadu_ps(kr + d);
-      for (int j = 0; j < QB; ++j)
-        a[j] = _mm256_fmadd_ps(_mm256_loadu_ps(q + j * D + d), kv, a[j]);
-    }
-    for (int j = 0; j < QB; ++j) {
-      float x = hsum(a[j]);
-      for (int64_t e = d; e < D; ++e) x = std::fma(q[j * D + e], kr[e], x);
-      s[j * stride + t] = x;
+  const int64_t D8 = D / 8 * 8;
+  std::vector<float> pad(8 * D, 0.0f);
+  for (int64_t t0 = 0; t0 < T; t0 += 8) {
+    const float* kr[8];
+    for (int64_t u = 0; u < 8; ++u) kr[u] = t0 + u < T ? kb + (t0 + u) * D : pad.data() + u * D;
+    int64_t j = 0;
+#ifdef SCYLLA_AVX512
+    for (; j + 2 <= n && D8 == D; j += 2)
+      scores_pair(q + j * D, kr, D, s + j * stride + t0, stride);
+#endif
+    for (; j < n; ++j) {
+      const float* qr = q + j * D;
+      __m256 a[8];
+      for (int u = 0; u < 8; ++u) a[u] = _mm256_setzero_ps();
+      for (int64_t d = 0; d < D8; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(qr + d);
+        for (int u = 0; u < 8; ++u) a[u] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kr[u] + d), a[u]);
+      }
+      float* out = s + j * stride + t0;
+      _mm256_storeu_ps(out, hsum8(a));
+      for (int64_t d = D8; d < D; ++d)
+        for (int u = 0; u < 8; ++u) out[u] = std::fma(qr[d], kr[u][d], out[u]);
     }
   }
 }
 
-// o = sum_t w[t] * v[t], accumulated over t in order, element by element (FMA)
-template <int DV>  // D = 8 * DV: the output row stays in registers
-static void weighted_sum(const float* w, const float* vb, int64_t T, float* o) {
-  __m256 acc[DV];
-  for (int j = 0; j < DV; ++j) acc[j] = _mm256_setzero_ps();
-  for (int64_t t = 0; t < T; ++t) {
-    const __m256 wv = _mm256_set1_ps(w[t]);
-    for (int j = 0; j < DV; ++j)
-      acc[j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(vb + t * DV * 8 + j * 8), acc[j]);
+// o_j = sum_t w_j[t] * v[t] for R rows over keys [0, n), accumulated over t in order, element
+// by element (FMA); each value row is read once for the R rows
+template <int DV, int R>  // D = LANES * DV: the output rows stay in registers
+static void weighted_sum(const float* const* w, const float* vb, int64_t n, float* const* o) {
+  vec acc[R][DV];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < DV; ++j) acc[r][j] = vzero();
+  for (int64_t t = 0; t < n; ++t) {
+    vec v[DV];
+    for (int j = 0; j < DV; ++j) v[j] = vload(vb + (t * DV + j) * LANES);
+    for (int r = 0; r < R; ++r) {
+      const vec wv = vset(w[r][t]);
+      for (int j = 0; j < DV; ++j) acc[r][j] = vfma(wv, v[j], acc[r][j]);
+    }
   }
-  for (int j = 0; j < DV; ++j) _mm256_storeu_ps(o + j * 8, acc[j]);
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < DV; ++j) vstore(o[r] + j * LANES, acc[r][j]);
 }
 
-static void weighted_sum_any(const float* w, const float* vb, int64_t T, int64_t D, float* o) {
-  for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
-  for (int64_t t = 0; t < T; ++t)
+// the same sums, element by element in scalar FMAs, for any D, continuing from o over [t0, n)
+static void weighted_sum_any(const float* w, const float* vb, int64_t t0, int64_t n, int64_t D,
+                             float* o) {
+  for (int64_t t = t0; t < n; ++t)
     for (int64_t d = 0; d < D; ++d) o[d] = std::fma(w[t], vb[t * D + d], o[d]);
+}
+
+// rows in blocks of as many as the vector registers hold (RB rows of DV accumulators, DV values
+// and the weight)
+template <int DV>
+static void shared_sums(float* const* w, int64_t n, const float* vb, int64_t keys,
+                        float* const* o) {
+  constexpr int REGS = LANES == 16 ? 32 : 16;
+  constexpr int RB = std::clamp((REGS - DV - 1) / DV, 1, 6);
+  int64_t j = 0;
+  for (; j + RB <= n; j += RB) weighted_sum<DV, RB>(w + j, vb, keys, o + j);
+  switch (n - j) {  // the rest in one block
+    case 5: weighted_sum<DV, std::min(5, RB)>(w + j, vb, keys, o + j); break;
+    case 4: weighted_sum<DV, std::min(4, RB)>(w + j, vb, keys, o + j); break;
+    case 3: weighted_sum<DV, std::min(3, RB)>(w + j, vb, keys, o + j); break;
+    case 2: weighted_sum<DV, std::min(2, RB)>(w + j, vb, keys, o + j); break;
+    case 1: weighted_sum<DV, 1>(w + j, vb, keys, o + j); break;
+  }
+}
+
+// rows [0, n) of o over keys [0, len[j]): the value rows every row reads are loaded once for
+// all of them (D of 2, 4 or 8 vectors), then each row continues alone; the same FMAs per element
+// either way
+static void weighted_sums(float* const* w, const int64_t* len, int64_t n, const float* vb,
+                          int64_t D, float* const* o) {
+  int64_t common = len[0];
+  for (int64_t j = 1; j < n; ++j) common = std::min(common, len[j]);
+  if (D == 2 * LANES) shared_sums<2>(w, n, vb, common, o);
+  else if (D == 4 * LANES) shared_sums<4>(w, n, vb, common, o);
+  else if (D == 8 * LANES) shared_sums<8>(w, n, vb, common, o);
+  else common = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    if (common == 0) std::fill(o[j], o[j] + D, 0.0f);
+    weighted_sum_any(w[j], vb, common, len[j], D, o[j]);
+  }
 }
 
 // keys [0, n) of a mask row up to its last unmasked key (a masked key holds the dtype's lowest
@@ -347,6 +454,63 @@ static inline int64_t valid_keys(const float* mr, int64_t T) {
   int64_t n = T;
   while (n > 0 && mr[n - 1] <= -1e38f) --n;
   return n > 0 ? n : T;
+}
+
+// softmax weights of n rows' scores w[j][0, len[j]) in place: scaled, masked, exp'd against
+// their maximum by one vector function (Sleef's, 1 ulp, as in ATen; its 8- and 16-lane
+// versions agree on every input <= 0), divided by their sum, added in key order (the rows'
+// sums side by side: one add chain would wait on each add); w[j][len[j], len[j] rounded up to
+// LANES) is scratch
+static void softmax_rows(float* const* w, const float* const* mask, const int64_t* len,
+                         int64_t n, float scale) {
+  const vec sv = vset(scale);
+  float total[16];
+  for (int64_t j = 0; j < n; ++j) {
+    float* s = w[j];
+    const float* mr = mask[j];
+    const int64_t keys = len[j], padded = (keys + LANES - 1) / LANES * LANES;
+    const int64_t whole = keys / LANES * LANES;
+    vec topv = vset(-INFINITY);
+    for (int64_t t = 0; t < whole; t += LANES) {
+      vec x = vmul(vload(s + t), sv);
+      if (mr) x = vadd(x, vload(mr + t));  // a masked key: -3.4e38, so its weight is 0
+      vstore(s + t, x);
+      topv = vmax(topv, x);
+    }
+    alignas(64) float lanes[LANES];
+    vstore(lanes, topv);
+    float top = -INFINITY;
+    for (float x : lanes) top = std::max(top, x);
+    for (int64_t t = whole; t < keys; ++t) {
+      s[t] *= scale;
+      if (mr) s[t] += mr[t];
+      top = std::max(top, s[t]);
+    }
+    // the padding past the row's keys makes no score depend on where they end
+    for (int64_t t = keys; t < padded; ++t) s[t] = -INFINITY;
+    topv = vset(top);
+    for (int64_t t = 0; t < padded; t += LANES) vstore(s + t, vexp(vsub(vload(s + t), topv)));
+    total[j] = 0.0f;
+  }
+  int64_t common = len[0];
+  for (int64_t j = 1; j < n; ++j) common = std::min(common, len[j]);
+  for (int64_t j0 = 0; j0 < n; j0 += 4) {
+    const int64_t m = std::min<int64_t>(4, n - j0);
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    const float* r[4];
+    for (int64_t i = 0; i < 4; ++i) r[i] = w[j0 + std::min(i, m - 1)];
+    for (int64_t t = 0; t < common; ++t)
+      for (int i = 0; i < 4; ++i) acc[i] += r[i][t];
+    for (int64_t i = 0; i < m; ++i) total[j0 + i] = acc[i];
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    float* s = w[j];
+    const int64_t keys = len[j], whole = keys / LANES * LANES;
+    for (int64_t t = common; t < keys; ++t) total[j] += s[t];
+    const vec tv = vset(total[j]);
+    for (int64_t t = 0; t < whole; t += LANES) vstore(s + t, vdiv(vload(s + t), tv));
+    for (int64_t t = whole; t < keys; ++t) s[t] /= total[j];
+  }
 }
 
 // q (B, Hkv, R, D); k, v (B, Hkv, T, D) with unit stride over D and D over T (cache views);
@@ -373,59 +537,41 @@ torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::T
   float* op = out.data_ptr<float>();
   const int64_t ks0 = k.stride(0), ks1 = k.stride(1), vs0 = v.stride(0), vs1 = v.stride(1);
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  constexpr int QB = 4;  // query rows per key load
-  const int64_t blocks = (R + QB - 1) / QB;
-  const int64_t Tp = (T + 7) / 8 * 8;  // scores padded to whole vectors
+  // a head's rows in G-row groups, the keys read once per group: at least two groups per
+  // thread when there are few heads (a decode step's 3 heads on 2 threads ran 2 against 1)
+  const int64_t threads = at::get_num_threads();
+  const int64_t split = std::max<int64_t>(1, (2 * threads + B * H - 1) / (B * H));
+  const int64_t G = std::clamp<int64_t>((R + split - 1) / split, 1, 16);
+  const int64_t groups = (R + G - 1) / G;
+  const int64_t Tp = (T + LANES - 1) / LANES * LANES;  // scores padded to whole vectors
   auto run = [&](int64_t begin, int64_t end) {
-    std::vector<float> p(QB * Tp);
-    for (int64_t item = begin; item < end; ++item) {  // item = (b * H + h) * blocks + block
-      const int64_t bh = item / blocks, r0 = (item % blocks) * QB, b = bh / H, h = bh % H;
-      const int64_t n = std::min<int64_t>(QB, R - r0);
-      const float* qr = qp + (bh * R + r0) * D;
+    std::vector<float> p(G * Tp);
+    for (int64_t item = begin; item < end; ++item) {  // item = (b * H + h) * groups + group
+      const int64_t bh = item / groups, r0 = (item % groups) * G, b = bh / H, h = bh % H;
+      const int64_t n = std::min<int64_t>(G, R - r0);
       const float* kb = kp + b * ks0 + h * ks1;
       const float* vb = vp + b * vs0 + h * vs1;
       // each row reads keys up to its last unmasked one: the masked keys after it (a shorter
       // row of a batch, later nodes of a tree) would add exact zeros, so the row's result
-      // depends on its own keys only, whatever batch or block it shares
-      int64_t len[QB], most = 0;
+      // depends on its own keys only, whatever batch or group it shares
+      int64_t len[16], most = 0;
+      float* w[16];
+      float* o[16];
+      const float* mr[16];
       for (int64_t j = 0; j < n; ++j) {
-        len[j] = masked ? valid_keys(mp + (b * R + r0 + j) * T, T) : T;
+        mr[j] = masked ? mp + (b * R + r0 + j) * T : nullptr;
+        len[j] = masked ? valid_keys(mr[j], T) : T;
         most = std::max(most, len[j]);
+        w[j] = p.data() + j * Tp;
+        o[j] = op + (bh * R + r0 + j) * D;
       }
-      switch (n) {
-        case 4: scores<4>(qr, kb, most, D, p.data(), Tp); break;
-        case 3: scores<3>(qr, kb, most, D, p.data(), Tp); break;
-        case 2: scores<2>(qr, kb, most, D, p.data(), Tp); break;
-        default: scores<1>(qr, kb, most, D, p.data(), Tp);
-      }
-      for (int64_t j = 0; j < n; ++j) {
-        float* s = p.data() + j * Tp;
-        const float* mr = masked ? mp + (b * R + r0 + j) * T : nullptr;
-        const int64_t keys = len[j], padded = (keys + 7) / 8 * 8;
-        float top = -INFINITY;
-        for (int64_t t = 0; t < keys; ++t) {
-          s[t] *= scale;
-          if (mr) s[t] += mr[t];  // a masked key: -3.4e38, so its weight is exactly 0
-          top = std::max(top, s[t]);
-        }
-        // exp of every score by the same vector function (Sleef's, 1 ulp, as in ATen): the
-        // padding past the row's keys makes no score depend on where they end
-        for (int64_t t = keys; t < padded; ++t) s[t] = -INFINITY;
-        const __m256 topv = _mm256_set1_ps(top);
-        for (int64_t t = 0; t < padded; t += 8)
-          _mm256_storeu_ps(s + t, Sleef_expf8_u10(_mm256_sub_ps(_mm256_loadu_ps(s + t), topv)));
-        float total = 0.0f;
-        for (int64_t t = 0; t < keys; ++t) total += s[t];
-        for (int64_t t = 0; t < keys; ++t) s[t] /= total;
-        float* o = op + (bh * R + r0 + j) * D;
-        if (D == 64) weighted_sum<8>(s, vb, keys, o);
-        else if (D == 128) weighted_sum<16>(s, vb, keys, o);
-        else weighted_sum_any(s, vb, keys, D, o);
-      }
+      scores(qp + (bh * R + r0) * D, n, kb, most, D, p.data(), Tp);
+      softmax_rows(w, mr, len, n, scale);
+      weighted_sums(w, len, n, vb, D, o);
     }
   };
   // small calls (a few rows, short caches) stay on this thread: waking the pool costs more
-  at::parallel_for(0, B * H * blocks, std::max<int64_t>(1, 32768 / (QB * T * D + 1)), run);
+  at::parallel_for(0, B * H * groups, std::max<int64_t>(1, 32768 / (G * T * D + 1)), run);
   return out;
 }
 
