@@ -198,15 +198,15 @@ def test_a_tree_verify_forward_computes_each_path_as_plain_decoding_does_bit_for
 @torch.inference_mode()
 def test_a_fused_decode_layer_computes_what_the_layers_modules_do_bit_for_bit(monkeypatch,
                                                                               weights):
-    """A decode step's decoder layer in one kernel call (``kernels.layer_step``) gives the
+    """A decode step's decoder layer in one kernel call (``kernels.LayerStep``) gives the
     logits and cache entries of the same layer run module by module, bit for bit: a tree
     appended to rows of different lengths (a mask, per-row cache positions), then 1-token
     steps of a uniform batch."""
     if not kernels.rows_available():
         pytest.skip("the CPU kernels did not build")
     calls = []
-    fused = kernels.layer_step
-    monkeypatch.setattr(kernels, "layer_step",
+    fused = kernels.LayerStep.__call__
+    monkeypatch.setattr(kernels.LayerStep, "__call__",
                         lambda *a, **k: calls.append(fused(*a, **k)) or calls[-1])
     model = ours_of(tiny_hf("llama", "default"))
     if weights == "gguf":
@@ -225,6 +225,52 @@ def test_a_fused_decode_layer_computes_what_the_layers_modules_do_bit_for_bit(mo
     (out, steps, k, v), (out2, steps2, k2, v2) = results
     assert torch.equal(out, out2) and torch.equal(k, k2) and torch.equal(v, v2)
     assert all(torch.equal(a, b) for a, b in zip(steps, steps2))
+
+
+@pytest.mark.skipif(not kernels.HAVE_AVX2, reason="the CPU kernels need AVX2")
+def test_a_fused_layers_kept_arguments_follow_its_weights():
+    """``LayerStep`` builds its kernel arguments once; a weight updated in place, a parameter
+    replaced, or a norm swapped for another module is what the next decode step computes with,
+    as the modules would."""
+    if not kernels.rows_available():
+        pytest.skip("the CPU kernels did not build")
+    model = gguf_grid(ours_of(tiny_hf("llama", "default")))  # compact forms: copies to rebuild
+    gen = torch.Generator().manual_seed(5)
+    prompt, nxt = torch.randint(0, 256, (2, 6), generator=gen), torch.randint(0, 256, (2, 1))
+
+    def step(on: bool) -> torch.Tensor:
+        with torch.inference_mode(), kernels.fused_layers(on):
+            cache = model.new_cache(2, 16)
+            model(prompt, cache=cache)
+            return model(nxt, cache=cache).logits
+
+    layer = model.layers[0]
+    first = step(True)  # builds the arguments; each change below comes after a fused step
+    with torch.no_grad():
+        layer.mlp.down_proj.weight.mul_(0.5)  # in place: a new version
+    second = step(True)
+    assert not torch.equal(second, first) and torch.equal(second, step(False))
+    step(True)
+    layer.self_attn.o_proj.weight = torch.nn.Parameter(layer.self_attn.o_proj.weight * 2)
+    third = step(True)
+    assert not torch.equal(third, second) and torch.equal(third, step(False))
+    step(True)
+    layer.post_attention_layernorm.eps = 1e-2  # the two norms' eps now differ: modules only
+    fourth = step(True)
+    assert not torch.equal(fourth, third) and torch.equal(fourth, step(False))
+    step(True)
+    layer.input_layernorm = torch.nn.Identity()  # a served EAGLE first layer's shape
+    calls = []
+    fused = kernels.LayerStep.__call__
+    try:
+        kernels.LayerStep.__call__ = lambda *a, **k: calls.append(fused(*a, **k)) or calls[-1]
+        fifth = step(True)
+    finally:
+        kernels.LayerStep.__call__ = fused
+    assert not torch.equal(fifth, fourth) and torch.equal(fifth, step(False))
+    n = len(model.layers)  # the fused run: its prefill, then its step, layer by layer
+    assert calls[0] is None and calls[n] is None  # layer 0 declines
+    assert calls[1] is not None and calls[n + 1] is not None  # layer 1 still fuses
 
 
 @torch.inference_mode()

@@ -151,20 +151,23 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
+        self._step = kernels.LayerStep(self._step_weights, config.num_attention_heads)
+
+    def _step_weights(self) -> tuple | None:
+        """What ``kernels.LayerStep`` runs: the norms and the projections (None where the input
+        norm is not an RMSNorm, as in a served EAGLE draft's first layer)."""
+        norms = (self.input_layernorm, self.post_attention_layernorm)
+        if not all(isinstance(n, RMSNorm) for n in norms):
+            return None
+        attn, mlp = self.self_attn, self.mlp
+        return norms, tuple((m.weight, m.bias, m._copies) for m in (
+            attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
 
     def forward(self, x: torch.Tensor, step: AttentionStep,
                 kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        norms = (self.input_layernorm, self.post_attention_layernorm)
-        # a decode step: one kernel call (a served EAGLE draft's first layer has no input norm)
-        if (kv is not None and step.write_pos is not None
-                and all(isinstance(n, RMSNorm) for n in norms) and norms[0].eps == norms[1].eps):
-            attn, mlp = self.self_attn, self.mlp
-            fused = kernels.layer_step(
-                x, (norms[0].weight, norms[1].weight),
-                tuple((m.weight, m.bias, m._copies) for m in (
-                    attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)),
-                norms[0].eps, step.cos, step.sin, kv, step.write_pos,
-                step.key_len, step.mask, attn.n_heads)
+        if kv is not None and step.write_pos is not None:  # a decode step: one kernel call
+            fused = self._step(x, step.cos, step.sin, kv, step.write_pos, step.key_len,
+                               step.mask)
             if fused is not None:
                 return fused
         h = x + self.self_attn(self.input_layernorm(x), step, kv)
