@@ -361,14 +361,14 @@ static inline void scores_pair(const float* q, const float* const* kr, int64_t D
 // Scores of n query rows (q: n x D) against keys [0, T) (kb: T x D) into s (rows of
 // ``stride`` >= T rounded up to 8): 8 keys at a time, read once for all n rows, each score the
 // same operations as for a row alone (an 8-lane FMA accumulator over d, hsum's additions,
-// scalar FMAs over the D % 8 tail). Keys past T in the last block are zeros.
+// scalar FMAs over the D % 8 tail). Keys past T in the last block are read from ``zeros``
+// (8 x D zeros).
 static void scores(const float* q, int64_t n, const float* kb, int64_t T, int64_t D, float* s,
-                   int64_t stride) {
+                   int64_t stride, const float* zeros) {
   const int64_t D8 = D / 8 * 8;
-  std::vector<float> pad(8 * D, 0.0f);
   for (int64_t t0 = 0; t0 < T; t0 += 8) {
     const float* kr[8];
-    for (int64_t u = 0; u < 8; ++u) kr[u] = t0 + u < T ? kb + (t0 + u) * D : pad.data() + u * D;
+    for (int64_t u = 0; u < 8; ++u) kr[u] = t0 + u < T ? kb + (t0 + u) * D : zeros + u * D;
     int64_t j = 0;
 #ifdef SCYLLA_AVX512
     for (; j + 2 <= n && D8 == D; j += 2)
@@ -434,21 +434,22 @@ static void shared_sums(float* const* w, int64_t n, const float* vb, int64_t key
   }
 }
 
-// rows [0, n) of o over keys [0, len[j]): the value rows every row reads are loaded once for
-// all of them (D of 2, 4 or 8 vectors), then each row continues alone; the same FMAs per element
-// either way
-static void weighted_sums(float* const* w, const int64_t* len, int64_t n, const float* vb,
-                          int64_t D, float* const* o) {
-  int64_t common = len[0];
-  for (int64_t j = 1; j < n; ++j) common = std::min(common, len[j]);
-  if (D == 2 * LANES) shared_sums<2>(w, n, vb, common, o);
-  else if (D == 4 * LANES) shared_sums<4>(w, n, vb, common, o);
-  else if (D == 8 * LANES) shared_sums<8>(w, n, vb, common, o);
-  else common = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    if (common == 0) std::fill(o[j], o[j] + D, 0.0f);
-    weighted_sum_any(w[j], vb, common, len[j], D, o[j]);
+// rows [0, n) of o over keys [0, len[j]), ``common`` the fewest: the value rows every row
+// reads are loaded once for all of them (D of 2, 4 or 8 vectors), then each row continues
+// alone; the same FMAs per element either way
+static void weighted_sums(float* const* w, const int64_t* len, int64_t common, int64_t n,
+                          const float* vb, int64_t D, float* const* o) {
+  if (D == 2 * LANES) {
+    shared_sums<2>(w, n, vb, common, o);
+  } else if (D == 4 * LANES) {
+    shared_sums<4>(w, n, vb, common, o);
+  } else if (D == 8 * LANES) {
+    shared_sums<8>(w, n, vb, common, o);
+  } else {
+    for (int64_t j = 0; j < n; ++j) std::fill(o[j], o[j] + D, 0.0f);
+    common = 0;
   }
+  for (int64_t j = 0; j < n; ++j) weighted_sum_any(w[j], vb, common, len[j], D, o[j]);
 }
 
 // keys [0, n) of a mask row up to its last unmasked key (a masked key holds the dtype's lowest
@@ -459,13 +460,13 @@ static inline int64_t valid_keys(const float* mr, int64_t T) {
   return n > 0 ? n : T;
 }
 
-// softmax weights of n rows' scores w[j][0, len[j]) in place: scaled, masked, exp'd against
-// their maximum by one vector function (Sleef's, 1 ulp, as in ATen; its 8- and 16-lane
-// versions agree on every input <= 0), divided by their sum, added in key order (the rows'
-// sums side by side: one add chain would wait on each add); w[j][len[j], len[j] rounded up to
-// LANES) is scratch
+// softmax weights of n rows' scores w[j][0, len[j]) (``common`` the fewest) in place: scaled,
+// masked, exp'd against their maximum by one vector function (Sleef's, 1 ulp, as in ATen; its
+// 8- and 16-lane versions agree on every input <= 0), divided by their sum, added in key order
+// (the rows' sums side by side: one add chain would wait on each add); w[j][len[j], len[j]
+// rounded up to LANES) is scratch
 static void softmax_rows(float* const* w, const float* const* mask, const int64_t* len,
-                         int64_t n, float scale) {
+                         int64_t common, int64_t n, float scale) {
   const vec sv = vset(scale);
   float total[16];
   for (int64_t j = 0; j < n; ++j) {
@@ -493,10 +494,7 @@ static void softmax_rows(float* const* w, const float* const* mask, const int64_
     for (int64_t t = keys; t < padded; ++t) s[t] = -INFINITY;
     topv = vset(top);
     for (int64_t t = 0; t < padded; t += LANES) vstore(s + t, vexp(vsub(vload(s + t), topv)));
-    total[j] = 0.0f;
   }
-  int64_t common = len[0];
-  for (int64_t j = 1; j < n; ++j) common = std::min(common, len[j]);
   for (int64_t j0 = 0; j0 < n; j0 += 4) {
     const int64_t m = std::min<int64_t>(4, n - j0);
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -548,7 +546,7 @@ torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::T
   const int64_t groups = (R + G - 1) / G;
   const int64_t Tp = (T + LANES - 1) / LANES * LANES;  // scores padded to whole vectors
   auto run = [&](int64_t begin, int64_t end) {
-    std::vector<float> p(G * Tp);
+    std::vector<float> p(G * Tp), zeros(8 * D, 0.0f);
     for (int64_t item = begin; item < end; ++item) {  // item = (b * H + h) * groups + group
       const int64_t bh = item / groups, r0 = (item % groups) * G, b = bh / H, h = bh % H;
       const int64_t n = std::min<int64_t>(G, R - r0);
@@ -557,7 +555,7 @@ torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::T
       // each row reads keys up to its last unmasked one: the masked keys after it (a shorter
       // row of a batch, later nodes of a tree) would add exact zeros, so the row's result
       // depends on its own keys only, whatever batch or group it shares
-      int64_t len[16], most = 0;
+      int64_t len[16], most = 0, common = T;
       float* w[16];
       float* o[16];
       const float* mr[16];
@@ -565,12 +563,13 @@ torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::T
         mr[j] = masked ? mp + (b * R + r0 + j) * T : nullptr;
         len[j] = masked ? valid_keys(mr[j], T) : T;
         most = std::max(most, len[j]);
+        common = std::min(common, len[j]);
         w[j] = p.data() + j * Tp;
         o[j] = op + (bh * R + r0 + j) * D;
       }
-      scores(qp + (bh * R + r0) * D, n, kb, most, D, p.data(), Tp);
-      softmax_rows(w, mr, len, n, scale);
-      weighted_sums(w, len, n, vb, D, o);
+      scores(qp + (bh * R + r0) * D, n, kb, most, D, p.data(), Tp, zeros.data());
+      softmax_rows(w, mr, len, common, n, scale);
+      weighted_sums(w, len, common, n, vb, D, o);
     }
   };
   // small calls (a few rows, short caches) stay on this thread: waking the pool costs more

@@ -317,6 +317,10 @@ _BUILDERS: dict[str, Callable[[torch.Tensor], Any]] = {
     "packed": _pack, "transposed": _transpose, "compact": compact}
 
 
+def _version(t: torch.Tensor) -> int:
+    return -1 if t.is_inference() else t._version
+
+
 class WeightCopies:
     """Derived layouts of one weight, rebuilt when the weight is replaced or updated in place."""
 
@@ -324,7 +328,7 @@ class WeightCopies:
         self._copies: dict[str, tuple[tuple[int, int], Any]] = {}
 
     def get(self, path: str, weight: torch.Tensor) -> Any:
-        key = (weight.data_ptr(), -1 if weight.is_inference() else weight._version)
+        key = (weight.data_ptr(), _version(weight))
         hit = self._copies.get(path)
         if hit is None or hit[0] != key:
             with torch.no_grad():
@@ -458,10 +462,6 @@ torch.nn.modules.module.register_module_parameter_registration_hook(_registered)
 torch.nn.modules.module.register_module_module_registration_hook(_registered)
 
 
-def _version(t: torch.Tensor) -> int:
-    return -1 if t.is_inference() else t._version
-
-
 class LayerStep:
     """One decoder layer of a decode step in one call of ``cpu_kernels.cpp`` (``layer_step``):
     the same operations as the layer's modules through ``rms_norm``, ``linear`` and
@@ -483,9 +483,9 @@ class LayerStep:
         self.args: tuple[list[torch.Tensor], list[int], float] | None = None
 
     def _key(self, x: torch.Tensor) -> tuple:
-        rows = x.numel() // x.shape[-1]
+        rows = x.numel() // x.shape[-1]  # B * K: within ROWS_MAX, so is K
         return (_registrations, _forced, _fused_layers, torch.is_grad_enabled(), x.dtype,
-                x.device, x.requires_grad, x.shape[1] <= ROWS_MAX, rows <= ROWS_MAX,
+                x.device, x.requires_grad, rows <= ROWS_MAX,
                 *[n.eps for n in self.norms], *[(p.data_ptr(), _version(p)) for p in self.params])
 
     def _build(self, x: torch.Tensor) -> None:
